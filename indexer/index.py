@@ -1,0 +1,224 @@
+"""Read an index in place: lookups by inode number, name and file offset.
+
+Nothing is decoded up front beyond the header; every accessor unpacks the few
+records it needs from the body buffer. This is the only way the read side
+(``imagefs``) sees an image, which keeps the format's details in ``indexer``.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from typing import Any, Iterator, NamedTuple
+
+from cache.chunk import ChunkRef
+from indexer.format import (
+    CHUNK, DIRENT, EXTENT, INODE, PACK, XATTR, IndexFormatError, parse_header, unseal,
+)
+
+ROOT_INO = 1
+
+
+class Inode(NamedTuple):
+    """The attributes of one inode, as stored."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    parent: int
+    size: int
+    mtime_ns: int
+    rdev: int
+
+
+def pack_key(pack_digest: bytes) -> str:
+    """The blob-store key of a pack object."""
+    return "packs/" + pack_digest.hex()
+
+
+class Index:
+    """An opened index. Safe to share between threads (read-only)."""
+
+    def __init__(self, body: bytes, digest: str = "") -> None:
+        self.digest = digest
+        self._body = body
+        self._mv = memoryview(body)
+        h = self._h = parse_header(body)
+        self.chunk_size = h.chunk_size
+        self.n_inodes = h.n_inodes
+        self._strings = h.strings_off
+        self._extents = self._mv[h.extents_off: h.extents_off + 4 * h.n_extents].cast("I")
+        self._pack_keys: list[str | None] = [None] * h.n_packs
+        self._meta: dict[str, Any] | None = None
+
+    @classmethod
+    def from_blob(cls, blob: bytes, digest: str | None = None) -> "Index":
+        """Open a stored index blob, verifying it against ``digest`` when given."""
+        return cls(unseal(blob, digest), digest or "")
+
+    # -- metadata -----------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Image config, source and build figures (decoded on first use)."""
+        if self._meta is None:
+            h = self._h
+            self._meta = json.loads(bytes(self._mv[h.meta_off: h.meta_off + h.meta_len]))
+        return self._meta
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The OCI image config's ``config`` object (Env, Entrypoint, Cmd, ...)."""
+        return self.meta.get("config") or {}
+
+    # -- inodes -------------------------------------------------------------------
+
+    def _check(self, ino: int) -> None:
+        if not 1 <= ino <= self.n_inodes:
+            raise KeyError(ino)
+
+    def _raw(self, ino: int) -> tuple[int, ...]:
+        self._check(ino)
+        return INODE.unpack_from(self._body, self._h.inodes_off + (ino - 1) * INODE.size)
+
+    def inode(self, ino: int) -> Inode:
+        mode, uid, gid, nlink, parent, _xs, _xc, _a, _b, size, mtime_ns, rdev = self._raw(ino)
+        return Inode(ino, mode, uid, gid, nlink, parent, size, mtime_ns, rdev)
+
+    def _string(self, off: int, ln: int) -> bytes:
+        start = self._strings + off
+        return self._body[start: start + ln]
+
+    # -- directories --------------------------------------------------------------
+
+    def _dir_range(self, ino: int) -> tuple[int, int]:
+        raw = self._raw(ino)
+        if not stat.S_ISDIR(raw[0]):
+            raise NotADirectoryError(ino)
+        return raw[7], raw[8]
+
+    def _dirent(self, i: int) -> tuple[int, int, int]:
+        return DIRENT.unpack_from(self._body, self._h.dirents_off + i * DIRENT.size)
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        """The inode of ``name`` in directory ``parent``; None if absent."""
+        first, count = self._dir_range(parent)
+        lo, hi = first, first + count
+        body, base, soff = self._body, self._h.dirents_off, self._strings
+        while lo < hi:  # binary search over names sorted as bytes
+            mid = (lo + hi) // 2
+            noff, nlen, child = DIRENT.unpack_from(body, base + mid * DIRENT.size)
+            cand = body[soff + noff: soff + noff + nlen]
+            if cand == name:
+                return child
+            if cand < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        return None
+
+    def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """(position, name, inode) of each entry from position ``start`` on."""
+        first, count = self._dir_range(ino)
+        for i in range(start, count):
+            noff, nlen, child = self._dirent(first + i)
+            yield i, self._string(noff, nlen), child
+
+    def resolve(self, path: str | bytes) -> int | None:
+        """The inode at an absolute or relative path, not following symlinks."""
+        if isinstance(path, str):
+            path = path.encode()
+        ino = ROOT_INO
+        for part in path.strip(b"/").split(b"/"):
+            if not part or part == b".":
+                continue
+            if not stat.S_ISDIR(self._raw(ino)[0]):
+                return None
+            found = self.lookup(ino, part)
+            if found is None:
+                return None
+            ino = found
+        return ino
+
+    def path_of(self, ino: int) -> str:
+        """One path of ``ino`` (the first name it was given), for messages and logs."""
+        parts: list[bytes] = []
+        seen = 0
+        while ino != ROOT_INO and seen < 4096:
+            parent = self._raw(ino)[4]
+            for _i, name, child in self.readdir(parent):
+                if child == ino:
+                    parts.append(name)
+                    break
+            ino, seen = parent, seen + 1
+        return "/" + b"/".join(reversed(parts)).decode(errors="replace")
+
+    # -- symlinks and xattrs ------------------------------------------------------
+
+    def readlink(self, ino: int) -> bytes:
+        raw = self._raw(ino)
+        if not stat.S_ISLNK(raw[0]):
+            raise ValueError(f"inode {ino} is not a symlink")
+        return self._string(raw[7], raw[8])
+
+    def xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:
+        raw = self._raw(ino)
+        start, count = raw[5], raw[6]
+        out = []
+        for i in range(start, start + count):
+            noff, nlen, voff, vlen = XATTR.unpack_from(self._body, self._h.xattrs_off + i * XATTR.size)
+            out.append((self._string(noff, nlen), self._string(voff, vlen)))
+        return out
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        for n, v in self.xattrs(ino):
+            if n == name:
+                return v
+        return None
+
+    # -- file data ----------------------------------------------------------------
+
+    def pack_key(self, pack_no: int) -> str:
+        key = self._pack_keys[pack_no]
+        if key is None:
+            (digest,) = PACK.unpack_from(self._body, self._h.packs_off + pack_no * PACK.size)
+            key = self._pack_keys[pack_no] = pack_key(digest)
+        return key
+
+    def chunk(self, chunk_no: int) -> ChunkRef:
+        digest, pack, offset, clen, ulen = CHUNK.unpack_from(self._body, self._h.chunks_off + chunk_no * CHUNK.size)
+        return ChunkRef(digest, self.pack_key(pack), offset, clen, ulen)
+
+    def file_chunks(self, ino: int) -> tuple[int, int]:
+        """(first extent, extent count) of a regular file."""
+        raw = self._raw(ino)
+        if not stat.S_ISREG(raw[0]):
+            raise IsADirectoryError(ino) if stat.S_ISDIR(raw[0]) else ValueError(f"inode {ino} is not a regular file")
+        return raw[7], raw[8]
+
+    def chunks_for_range(self, ino: int, offset: int, length: int) -> list[tuple[int, ChunkRef]]:
+        """The chunks covering ``[offset, offset+length)`` of a file, each with the
+        file offset where it starts. Found by arithmetic: chunk i covers
+        ``[i*chunk_size, (i+1)*chunk_size)``."""
+        first, count = self.file_chunks(ino)
+        if length <= 0 or count == 0:
+            return []
+        cs = self.chunk_size
+        lo = offset // cs
+        hi = min(count, (offset + length + cs - 1) // cs)
+        return [(i * cs, self.chunk(self._extents[first + i])) for i in range(lo, hi)]
+
+    def all_chunks(self) -> Iterator[ChunkRef]:
+        """Every distinct chunk the image references (for prefetch, stats, tests)."""
+        for n in range(self._h.n_chunks):
+            yield self.chunk(n)
+
+    @property
+    def n_chunks(self) -> int:
+        return self._h.n_chunks
+
+
+__all__ = ["Index", "Inode", "ROOT_INO", "IndexFormatError", "pack_key"]
+_ = EXTENT  # the extents table is read through a memoryview cast, not this struct

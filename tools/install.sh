@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 machine (run as root).
+#
+# Installs the Debian packages imagefs and its tests need (FUSE, the OCI tools, a
+# registry, a container runtime, the bench peers) and a virtualenv at .venv with
+# imagefs installed in editable mode. Safe to run again: every step checks first.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${IMAGEFS_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+DEBIAN_PACKAGES=(
+  fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv   # pyfuse3 builds against libfuse3
+  skopeo umoci docker-registry runc                            # images, registry, runtime
+  debootstrap squashfs-tools squashfuse casync                 # bench images and peers
+  iproute2 kmod psmisc curl ca-certificates                    # bench network emulation, teardown
+)
+
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "install.sh: installing Debian packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian registry package starts a system service on install; tests start their own.
+if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "install.sh: creating virtualenv $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+echo "install.sh: ready ($VENV)" >&2
