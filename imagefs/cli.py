@@ -1,0 +1,102 @@
+"""The ``imagefs`` command: one parser, one module per group of subcommands.
+
+Each ``cli_*`` module exposes ``register(subparsers)`` that adds its subcommands and
+sets ``func`` to a handler returning an exit code. Errors the user can act on are
+raised as :class:`CLIError` (or a domain error listed in ``USER_ERRORS``) and printed as
+one line, ``imagefs: <message>``, with a non-zero exit: no traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the operation failed (bad input, unreachable store, ...)
+EXIT_USAGE = 2  # argparse's convention for bad arguments
+EXIT_INTERRUPTED = 130
+
+COMMAND_MODULES = ["imagefs.cli_index", "imagefs.cli_mount", "imagefs.cli_run", "imagefs.cli_cache_server"]
+
+
+class CLIError(Exception):
+    """An error to print as one line and exit non-zero."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_store_options(p: argparse.ArgumentParser) -> None:
+    """The options every command that touches a store shares."""
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="where chunks and indexes live: a directory, file://DIR or s3://BUCKET[/PREFIX] "
+        "(default: $IMAGEFS_STORE, else /var/lib/imagefs/store for root)",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint for s3:// stores (default: $IMAGEFS_S3_ENDPOINT or the AWS config)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagefs",
+        description="Start containers from OCI images without pulling them: index an image into "
+        "content-addressed chunks, then mount or run it lazily.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only results and errors (no progress)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that command group is not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Domain errors that are the user's to fix: printed as one line, no traceback."""
+    from cache.blobstore import BlobStoreError
+    from cache.stores import StoreURLError
+    from indexer.format import IndexFormatError
+    from indexer.sources import SourceError
+
+    errors: list[type[BaseException]] = [CLIError, BlobStoreError, StoreURLError, SourceError, IndexFormatError]
+    try:
+        from indexer.layers import LayerError
+
+        errors.append(LayerError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose if not args.quiet else logging.ERROR
+    logging.basicConfig(level=max(level, logging.DEBUG), format="imagefs: %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("imagefs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except user_errors() as e:
+        print(f"imagefs: {e}", file=sys.stderr)
+        return getattr(e, "code", EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
