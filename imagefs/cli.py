@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    # Accept -v/-q after the subcommand too (``imagefs index --quiet``), as users type them.
+    for subparser in sub.choices.values():
+        subparser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -70,10 +74,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Domain errors that are the user's to fix: printed as one line, no traceback."""
     from cache.blobstore import BlobStoreError
     from cache.stores import StoreURLError
+    from indexer.catalog import ImageNotFound, InvalidImageName
     from indexer.format import IndexFormatError
     from indexer.sources import SourceError
 
-    errors: list[type[BaseException]] = [CLIError, BlobStoreError, StoreURLError, SourceError, IndexFormatError]
+    errors: list[type[BaseException]] = [
+        CLIError, BlobStoreError, StoreURLError, SourceError, IndexFormatError, ImageNotFound, InvalidImageName,
+    ]
     try:
         from indexer.layers import LayerError
 
