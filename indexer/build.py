@@ -1,0 +1,177 @@
+"""Index an image into a store: the whole write path in three steps.
+
+1. Read every layer once, in order, merging it into the tree (``layers``) and feeding
+   file content to the chunker, which dedups against the store and spills new
+   compressed chunks locally. Every blob is verified as it is read. Nothing is written
+   to the store in this step, so bad input leaves the store exactly as it was.
+2. Write the new chunks into packs in tree order (``packer``).
+3. Write the index, then the name -> digest reference, last.
+
+An interrupted build leaves at most whole packs that no image points to yet; a later
+build finds them through their tables of contents and does not store them again.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cache.blobstore import BlobStore
+from indexer import catalog
+from indexer.chunker import DEFAULT_CHUNK_SIZE, ChunkSpill
+from indexer.format import encode, seal
+from indexer.layers import apply_layer
+from indexer.packer import load_known_chunks, write_packs
+from indexer.progress import NullProgress, Progress
+from indexer.sources import ImageSource, SourceError, open_source
+from indexer.tree import Tree
+
+INDEX_FORMAT_META = 1
+# Image config keys a container run needs (OCI image spec, config.config).
+CONFIG_KEYS = ("User", "Env", "Entrypoint", "Cmd", "WorkingDir", "Labels", "ExposedPorts", "Volumes", "StopSignal")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What one build did: the image's digest and the figures behind it."""
+
+    digest: str
+    name: str | None
+    entries: int
+    files: int
+    content_bytes: int  # logical bytes of every regular file read from the layers
+    chunks: int  # distinct chunks the image references
+    new_chunks: int  # of those, chunks this build stored
+    reused_chunks: int  # chunks the store already held
+    stored_bytes: int  # compressed bytes of new packs written
+    index_bytes: int
+    seconds: float
+
+
+def default_name(reference: str) -> str | None:
+    """A name for an image indexed without ``--name``, derived like skopeo's refs."""
+    if reference.startswith("docker://"):
+        rest = reference[len("docker://"):]
+        rest = rest.split("@", 1)[0]
+        host, _, repo = rest.partition("/")
+        if not repo:
+            return None
+        if ":" not in repo.rsplit("/", 1)[-1]:
+            repo += ":latest"
+        return _sanitize(repo)
+    if reference.startswith("oci:"):
+        spec = reference[len("oci:"):]
+        path, _, tag = spec.rpartition(":") if ":" in spec else (spec, "", "")
+        if not path:
+            path, tag = spec, ""
+        base = posixpath.basename(path.rstrip("/")) or "image"
+        return _sanitize(f"{base}:{tag or 'latest'}")
+    if reference.startswith("docker-archive:"):
+        base = posixpath.basename(reference[len("docker-archive:"):])
+        base = re.sub(r"\.(tar|tar\.gz|tgz)$", "", base)
+        return _sanitize(f"{base}:latest")
+    return None
+
+
+def _sanitize(name: str) -> str | None:
+    cleaned = re.sub(r"[^A-Za-z0-9._/:-]", "-", name).strip("-./:")
+    try:
+        return catalog.validate_name(cleaned)
+    except catalog.InvalidImageName:
+        return None
+
+
+def image_meta(source: ImageSource, chunk_size: int) -> dict[str, Any]:
+    cfg = source.config
+    inner = cfg.get("config") or {}
+    return {
+        "meta_version": INDEX_FORMAT_META,
+        "source": source.reference,
+        "manifest_digest": source.manifest_digest,
+        "architecture": cfg.get("architecture"),
+        "os": cfg.get("os"),
+        "variant": cfg.get("variant"),
+        "created": cfg.get("created"),
+        "config": {k: inner[k] for k in CONFIG_KEYS if inner.get(k) is not None},
+        "layers": [{"digest": l.digest, "size": l.size, "media_type": l.media_type} for l in source.layers],
+        "chunk_size": chunk_size,
+    }
+
+
+def build_image(
+    source: str | ImageSource,
+    store: BlobStore,
+    name: str | None = None,
+    *,
+    platform: str | None = None,
+    insecure: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Index ``source`` into ``store`` under ``name`` (None: the default name; "" for none)."""
+    start = time.monotonic()
+    progress = progress or NullProgress()
+    if name:
+        catalog.validate_name(name)
+    store.check()
+    src = open_source(source, platform=platform, insecure=insecure) if isinstance(source, str) else source
+    if name is None:
+        name = default_name(src.reference)
+    try:
+        progress.phase("reading store")
+        known = load_known_chunks(store)
+        tree = Tree()
+        with ChunkSpill(set(known), chunk_size) as spill:
+            spill.on_bytes = progress.advance
+            for i, layer in enumerate(src.layers, 1):
+                label = f"layer {i}/{len(src.layers)} {layer.digest[7:19]}"
+                progress.phase(label)
+                stream = layer.open()
+                try:
+                    apply_layer(tree, stream, f"{src.reference} {label}", spill.add_file)
+                finally:
+                    stream.close()  # verifies digest and size of what was read
+            spill.finish()
+
+            order = [d for _path, node in tree.walk() if node.is_reg for d in node.chunks]
+            progress.phase("writing packs", sum(c.clen for c in spill.spilled.values()))
+            new_locations, stored = write_packs(store, spill, order, on_bytes=progress.advance)
+
+        locations = {**known, **new_locations}
+        body = encode(tree, locations, chunk_size, image_meta(src, chunk_size))
+        digest, blob = seal(body)
+        progress.phase("writing index")
+        catalog.put_index(store, digest, blob)
+        if name:
+            catalog.set_ref(store, name, digest)
+    except EOFError as e:
+        raise SourceError(f"{src.reference}: {e}") from e
+    finally:
+        src.close()
+        progress.close()
+
+    entries = files = 0
+    distinct: set[bytes] = set()
+    seen_nodes: set[int] = set()
+    for _path, node in tree.walk():
+        entries += 1
+        if node.is_reg and id(node) not in seen_nodes:
+            seen_nodes.add(id(node))
+            files += 1
+            distinct.update(node.chunks)
+    return BuildResult(
+        digest=digest,
+        name=name or None,
+        entries=entries,
+        files=files,
+        content_bytes=spill.content_bytes,
+        chunks=len(distinct),
+        new_chunks=len(new_locations),
+        reused_chunks=len(distinct) - len(distinct & new_locations.keys()),
+        stored_bytes=stored,
+        index_bytes=len(blob),
+        seconds=time.monotonic() - start,
+    )
