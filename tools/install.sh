@@ -15,6 +15,7 @@ DEBIAN_PACKAGES=(
   skopeo umoci docker-registry runc                            # images, registry, runtime
   debootstrap squashfs-tools squashfuse casync                 # bench images and peers
   iproute2 kmod psmisc curl ca-certificates                    # bench network emulation, teardown
+  busybox-static                                               # small real images for container tests
 )
 
 missing=()
