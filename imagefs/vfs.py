@@ -1,0 +1,297 @@
+"""Read-only filesystem semantics over an image index, with no FUSE in sight.
+
+Everything a mount answers (lookup, attributes, directory listings, symlinks, xattrs,
+file bytes, statfs, access checks) is decided here, so it can be tested by calling
+methods and reused by anything that is not pyfuse3. Errors are one small exception,
+:class:`VFSError`, carrying an errno; the FUSE adapter maps it to ``FUSEError`` in
+exactly one place.
+
+Inode numbers are the index's own (the root is 1), stable for the life of the image,
+so there is no lookup-count bookkeeping: nothing is ever freed. File bytes come from a
+:class:`~cache.tier.ChunkReader`; the chunks one read needs are fetched concurrently,
+and the last of them carries the file's next chunks as ``neighbours`` so that a cold
+fetch from the blob store brings what a sequential reader will ask for next in the
+same ranged read.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import trio
+
+from cache.chunk import ChunkRef
+from cache.tier import ChunkReader
+from indexer.index import ROOT_INO, Index
+from indexer.tree import NAME_MAX
+
+log = logging.getLogger(__name__)
+
+# The block size reported to readers: stdio and cp size their buffers by it.
+BLOCK_SIZE = 128 * 1024
+# How far past a read the next chunks of the file are offered as neighbours.
+DEFAULT_NEIGHBOUR_WINDOW = 8 * 1024 * 1024
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+class VFSError(Exception):
+    """A filesystem answer that is an error: ``errno`` is what the caller sees."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(err))
+        self.errno = err
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """The stat of one inode. atime, mtime and ctime are all the image's mtime."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # 512-byte units, ceil(size / 512)
+    blksize: int
+    time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatFS:
+    """statvfs figures: an image is full by definition (no free blocks or inodes)."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    namemax: int
+
+
+class VFS:
+    """The filesystem of one image.
+
+    ``name`` identifies the image in log lines (defaults to the index digest);
+    ``neighbour_window`` is how many bytes of a file's following chunks a read offers
+    the reader as neighbours.
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        reader: ChunkReader,
+        *,
+        name: str = "",
+        neighbour_window: int = DEFAULT_NEIGHBOUR_WINDOW,
+    ) -> None:
+        self.index = index
+        self.reader = reader
+        self.name = name or index.digest or "image"
+        self.neighbour_window = max(0, neighbour_window)
+        self._statfs: StatFS | None = None
+
+    # -- attributes ------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Attributes:
+        try:
+            i = self.index.inode(ino)
+        except KeyError:
+            raise VFSError(errno.ENOENT, f"no inode {ino}") from None
+        return Attributes(
+            ino=ino, mode=i.mode, nlink=i.nlink, uid=i.uid, gid=i.gid, rdev=i.rdev,
+            size=i.size, blocks=(i.size + 511) // 512, blksize=BLOCK_SIZE, time_ns=i.mtime_ns,
+        )
+
+    def _dir(self, ino: int) -> Attributes:
+        attrs = self.getattr(ino)
+        if not stat.S_ISDIR(attrs.mode):
+            raise VFSError(errno.ENOTDIR, f"inode {ino} is not a directory")
+        return attrs
+
+    def lookup(self, parent: int, name: bytes) -> Attributes | None:
+        """The attributes of ``name`` in ``parent``; None if there is no such entry
+        (a negative answer the caller may cache: the image never changes)."""
+        self._dir(parent)
+        if len(name) > NAME_MAX:
+            raise VFSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
+        if name == b".":
+            return self.getattr(parent)
+        if name == b"..":
+            return self.getattr(self.index.inode(parent).parent)
+        child = self.index.lookup(parent, name)
+        return None if child is None else self.getattr(child)
+
+    def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[int, bytes, Attributes]]:
+        """``(next position, name, attributes)`` from position ``start`` on.
+
+        Position 0 is ``.``, 1 is ``..``, ``2 + i`` the i-th entry in name order, so a
+        listing resumes exactly where a previous call stopped.
+        """
+        attrs = self._dir(ino)
+        if start <= 0:
+            yield 1, b".", attrs
+        if start <= 1:
+            yield 2, b"..", self.getattr(self.index.inode(ino).parent)
+        for pos, name, child in self.index.readdir(ino, max(0, start - 2)):
+            yield pos + 3, name, self.getattr(child)
+
+    def readlink(self, ino: int) -> bytes:
+        if not stat.S_ISLNK(self.getattr(ino).mode):
+            raise VFSError(errno.EINVAL, f"inode {ino} is not a symlink")
+        return self.index.readlink(ino)
+
+    # -- xattrs ----------------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self.getattr(ino)
+        value = self.index.getxattr(ino, name)
+        if value is None:
+            raise VFSError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self.getattr(ino)
+        return [n for n, _v in self.index.xattrs(ino)]
+
+    # -- permissions -----------------------------------------------------------------
+
+    def opendir(self, ino: int) -> None:
+        self._dir(ino)
+
+    def open(self, ino: int, flags: int) -> Attributes:
+        """Check that ``ino`` may be opened with ``flags``: never for writing."""
+        attrs = self.getattr(ino)
+        if flags & _WRITE_FLAGS:
+            raise VFSError(errno.EROFS, "read-only image")
+        if stat.S_ISDIR(attrs.mode):
+            raise VFSError(errno.EISDIR, f"inode {ino} is a directory")
+        return attrs
+
+    def access(self, ino: int, mode: int, uid: int, gid: int, groups: Sequence[int] = ()) -> None:
+        """Raise EACCES/EROFS unless a caller ``uid``/``gid`` may ``mode`` (R/W/X_OK) ``ino``."""
+        attrs = self.getattr(ino)
+        if mode & os.W_OK:
+            raise VFSError(errno.EROFS, "read-only image")
+        perm = attrs.mode
+        if uid == 0:
+            # root reads anything; executes if anyone may (or it is a directory).
+            if mode & os.X_OK and not stat.S_ISDIR(perm) and not perm & 0o111:
+                raise VFSError(errno.EACCES, "no execute bit")
+            return
+        if uid == attrs.uid:
+            bits = (perm >> 6) & 7
+        elif gid == attrs.gid or attrs.gid in groups:
+            bits = (perm >> 3) & 7
+        else:
+            bits = perm & 7
+        want = (4 if mode & os.R_OK else 0) | (1 if mode & os.X_OK else 0)
+        if want & ~bits:
+            raise VFSError(errno.EACCES, f"mode {perm & 0o7777:o} denies {want:o}")
+
+    # -- file data -------------------------------------------------------------------
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of file ``ino`` from ``offset`` (short only at EOF).
+
+        EIO, with a log line naming the image, the file and the chunk, when a chunk
+        cannot be had from any tier.
+        """
+        attrs = self.getattr(ino)
+        if not stat.S_ISREG(attrs.mode):
+            raise VFSError(errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL, f"inode {ino} is not a file")
+        if offset < 0:
+            raise VFSError(errno.EINVAL, "negative offset")
+        size = min(size, attrs.size - offset)
+        if size <= 0:
+            return b""
+        spans = self.index.chunks_for_range(ino, offset, size)
+        if not spans:
+            return b""
+        end = offset + size
+        neighbours = self._neighbours(ino, spans[-1], end)
+        if len(spans) == 1:
+            foff, ref = spans[0]
+            data = await self._fetch(ino, ref, neighbours)
+            lo, hi = offset - foff, end - foff
+            return data if lo == 0 and hi >= len(data) else data[lo:hi]
+        results: list[bytes | BaseException | None] = [None] * len(spans)
+
+        async def fetch(i: int, ref: ChunkRef, nbrs: Sequence[ChunkRef]) -> None:
+            try:
+                results[i] = await self.reader.get(ref, nbrs)
+            except Exception as e:  # reported below, once per chunk, as EIO
+                results[i] = e
+
+        async with trio.open_nursery() as nursery:
+            last = len(spans) - 1
+            for i, (_foff, ref) in enumerate(spans):
+                nursery.start_soon(fetch, i, ref, neighbours if i == last else ())
+        parts: list[bytes | memoryview] = []
+        failed: VFSError | None = None
+        for (foff, ref), got in zip(spans, results):
+            if not isinstance(got, bytes):
+                failed = self._chunk_failed(ino, ref, got)
+                continue
+            lo, hi = max(0, offset - foff), min(len(got), end - foff)
+            parts.append(got if lo == 0 and hi == len(got) else memoryview(got)[lo:hi])
+        if failed is not None:
+            raise failed
+        return b"".join(parts)
+
+    async def _fetch(self, ino: int, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
+        try:
+            return await self.reader.get(ref, neighbours)
+        except Exception as e:
+            raise self._chunk_failed(ino, ref, e) from e
+
+    def _chunk_failed(self, ino: int, ref: ChunkRef, error: BaseException | None) -> VFSError:
+        try:
+            path = self.index.path_of(ino)
+        except Exception:  # a log line must not fail
+            path = f"inode {ino}"
+        log.error("image %s: %s: %s: cannot be read: %s", self.name, path, ref, error or "no data")
+        return VFSError(errno.EIO, f"{path}: {ref}: {error}")
+
+    def _neighbours(self, ino: int, last: tuple[int, ChunkRef], end: int) -> list[ChunkRef]:
+        """The file's chunks after ``last`` that follow it directly in the same pack,
+        up to the window: what one ranged read can bring along."""
+        if self.neighbour_window == 0:
+            return []
+        foff, prev = last
+        start = foff + prev.ulen
+        out: list[ChunkRef] = []
+        for _off, ref in self.index.chunks_for_range(ino, start, self.neighbour_window):
+            if ref.pack != prev.pack or ref.offset != prev.offset + prev.clen:
+                break
+            out.append(ref)
+            prev = ref
+        return out
+
+    # -- filesystem ------------------------------------------------------------------
+
+    def statfs(self) -> StatFS:
+        if self._statfs is None:
+            total = 0
+            for ino in range(1, self.index.n_inodes + 1):
+                i = self.index.inode(ino)
+                if stat.S_ISREG(i.mode):
+                    total += i.size
+            frsize = 4096
+            self._statfs = StatFS(
+                bsize=BLOCK_SIZE, frsize=frsize, blocks=(total + frsize - 1) // frsize, bfree=0, bavail=0,
+                files=self.index.n_inodes, ffree=0, favail=0, namemax=NAME_MAX,
+            )
+        return self._statfs
+
+
+__all__ = ["VFS", "VFSError", "Attributes", "StatFS", "ROOT_INO", "BLOCK_SIZE"]
