@@ -1,0 +1,207 @@
+"""``imagefs run``: a container whose rootfs is a lazy imagefs mount.
+
+The image is mounted once per host at ``/run/imagefs/images/<digest>`` and shared by
+every container of that image (a mount that ``imagefs run`` started is unmounted by
+the last container that uses it). Each container gets an overlayfs with a fresh upper
+and work directory over that read-only mount, a config.json built from the image
+config, and is run by runc in the foreground with our stdin/stdout/stderr; its exit
+status becomes ours. Whatever the run created is removed when the container exits,
+also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from imagefs.runtime_config import ConfigError, RunSpec, runtime_config
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = "/run/imagefs"
+IMAGES_DIR = os.path.join(RUN_DIR, "images")
+RUNC_ROOT = os.path.join(RUN_DIR, "runc")
+CONTAINERS_DIR = os.environ.get("IMAGEFS_CONTAINERS_DIR", "/var/lib/imagefs/containers")
+
+
+class RunError(Exception):
+    """The container could not be set up (the message says which step failed)."""
+
+
+@dataclass
+class Timings:
+    mount_s: float = 0.0  # until the image mount answered (0 when reused)
+    start_s: float = 0.0  # until runc had the container's process running
+    total_s: float = 0.0  # until the container exited
+    reused_mount: bool = False
+
+
+@contextlib.contextmanager
+def _flock(path: str, mode: int) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _is_mounted(path: str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: Timings) -> Iterator[str]:  # noqa: F821
+    """The host's mount of ``digest``, started if absent; unmounted by the last user.
+
+    Two locks: ``<hex>.lock`` (exclusive, short) serialises checking, mounting and
+    unmounting; ``<hex>.users`` is held shared by every container using the mount,
+    so whoever can take it exclusively is the last user.
+    """
+    from imagefs.mount import start_mount, unmount
+
+    os.makedirs(IMAGES_DIR, exist_ok=True)
+    hexd = digest.split(":", 1)[1]
+    mountpoint = os.path.join(IMAGES_DIR, hexd)
+    lock_path, users_path = mountpoint + ".lock", mountpoint + ".users"
+    users_fd = os.open(users_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with _flock(lock_path, fcntl.LOCK_EX):
+            if _is_mounted(mountpoint) and os.path.isdir(mountpoint):
+                timings.reused_mount = True
+            else:
+                os.makedirs(mountpoint, exist_ok=True)
+                t0 = time.monotonic()
+                start_mount(digest, mountpoint, opts)
+                timings.mount_s = time.monotonic() - t0
+            fcntl.flock(users_fd, fcntl.LOCK_SH)
+        yield mountpoint
+    finally:
+        with _flock(lock_path, fcntl.LOCK_EX):
+            fcntl.flock(users_fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                last = True
+            except BlockingIOError:
+                last = False
+            os.close(users_fd)
+            if last and _is_mounted(mountpoint):
+                try:
+                    unmount(mountpoint)
+                    os.rmdir(mountpoint)
+                except Exception as e:  # cleanup must not mask the container's status
+                    log.warning("could not unmount %s: %s", mountpoint, e)
+
+
+@contextlib.contextmanager
+def overlay(lower: str, workdir: str) -> Iterator[str]:
+    """A writable overlayfs over the read-only image mount, removed afterwards."""
+    upper, work, merged = (os.path.join(workdir, d) for d in ("upper", "work", "rootfs"))
+    for d in (upper, work, merged):
+        os.makedirs(d, exist_ok=True)
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, merged], capture_output=True, text=True)
+    if res.returncode:
+        raise RunError(f"mounting the overlay on {merged} failed: {res.stderr.strip()}")
+    try:
+        yield merged
+    finally:
+        if subprocess.run(["umount", merged], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", merged], capture_output=True)
+
+
+def runc_base_spec(bundle: str) -> dict:  # type: ignore[type-arg]
+    """runc's default spec, the base every container config starts from."""
+    res = subprocess.run(["runc", "spec", "--bundle", bundle], capture_output=True, text=True)
+    if res.returncode:
+        raise RunError(f"runc spec failed: {res.stderr.strip()}")
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        spec = json.load(f)
+    os.unlink(path)
+    return spec
+
+
+def _watch_start(pid_file: str, t0: float, timings: Timings, done: threading.Event) -> None:
+    """runc writes --pid-file once the container's process exists: that is 'started'."""
+    while not done.is_set():
+        if os.path.exists(pid_file):
+            timings.start_s = time.monotonic() - t0
+            return
+        time.sleep(0.001)
+
+
+def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | None = None) -> tuple[int, Timings]:  # noqa: F821
+    """Run one container to completion; returns (exit status, timings)."""
+    from cache.stores import open_store
+    from indexer.catalog import open_image, resolve
+
+    t0 = time.monotonic()
+    timings = Timings()
+    store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
+    digest = resolve(store, image)
+    image_cfg = open_image(store, digest).config
+    cid = name or f"imagefs-{secrets.token_hex(6)}"
+    if not cid.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise RunError(f"invalid container name {cid!r}")
+    bundle = os.path.join(CONTAINERS_DIR, cid)
+    if os.path.exists(bundle):
+        raise RunError(f"container {cid!r} exists already ({bundle})")
+    os.makedirs(bundle)
+    status = 1
+    try:
+        with shared_image_mount(image, digest, opts, timings) as lower, overlay(lower, bundle) as rootfs:
+            config = runtime_config(runc_base_spec(bundle), image_cfg, spec, rootfs, lower)
+            with open(os.path.join(bundle, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            status = _run_runc(cid, bundle, t0, timings)
+    finally:
+        subprocess.run(["runc", "--root", RUNC_ROOT, "delete", "--force", cid], capture_output=True)
+        shutil.rmtree(bundle, ignore_errors=True)
+    timings.total_s = time.monotonic() - t0
+    return status, timings
+
+
+def _run_runc(cid: str, bundle: str, t0: float, timings: Timings) -> int:
+    pid_file = os.path.join(bundle, "pid")
+    cmd = ["runc", "--root", RUNC_ROOT, "run", "--bundle", bundle, "--pid-file", pid_file, cid]
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_start, args=(pid_file, t0, timings, done), daemon=True)
+    watcher.start()
+    # runc forwards signals it gets to the container; we keep running until it exits
+    # so that cleanup always happens. Ctrl-C reaches runc through the terminal's
+    # process group; SIGTERM sent to us is passed on explicitly.
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                status = proc.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # runc got the SIGINT too and passes it to the container
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        done.set()
+    return status if status >= 0 else 128 - status
+
+
+__all__ = ["run_container", "RunSpec", "RunError", "ConfigError", "Timings"]
