@@ -1,0 +1,305 @@
+"""SSDTier on a real directory: bounded, LRU, verified on serve, crash-safe, and shared
+by several real processes at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from cache.chunk import ChunkRef, digest_of
+from cache.ssd import SSDTier
+from tests.support.chunks import random_chunks
+
+KIB = 1024
+
+
+def ref_for(data: bytes) -> ChunkRef:
+    return ChunkRef(digest_of(data), "packs/x", 0, len(data), len(data))
+
+
+def files_on_disk(root: Path) -> dict[str, int]:
+    out = {}
+    for p in (root / "chunks").rglob("*"):
+        if p.is_file():
+            out[p.name] = p.stat().st_size
+    return out
+
+
+def test_fill_then_hit_is_a_plain_uncompressed_file(tmp_path: Path) -> None:
+    data = random_chunks(1, 100 * KIB)[0]
+    r = ref_for(data)
+    with SSDTier(str(tmp_path), 10 << 20) as ssd:
+        assert ssd.get(r) is None
+        ssd.put(r, data)
+        path = tmp_path / "chunks" / r.hex[:2] / r.hex
+        assert path.read_bytes() == data
+        assert ssd.get(r) == data
+        assert ssd.usage() == (len(data), 1)
+        s = ssd.stats()
+        assert (s.requests, s.hits, s.misses, s.bytes, s.stored_bytes) == (2, 1, 1, len(data), len(data))
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_stays_under_bound_while_writing_much_more(tmp_path: Path) -> None:
+    bound = 1 << 20
+    chunks = random_chunks(96, 64 * KIB, seed=1)  # 6 MiB through a 1 MiB cache
+    with SSDTier(str(tmp_path), bound) as ssd:
+        for i in range(0, len(chunks), 4):
+            ssd.put_many([(ref_for(c), c) for c in chunks[i:i + 4]])
+            total, count = ssd.usage()
+            assert total <= bound
+            on_disk = files_on_disk(tmp_path)
+            assert sum(on_disk.values()) == total and len(on_disk) == count
+        assert ssd.stats().evictions == 96 - count
+        # The newest survive; every survivor still verifies.
+        assert ssd.get(ref_for(chunks[-1])) == chunks[-1]
+        assert ssd.get(ref_for(chunks[0])) is None
+
+
+def test_evicts_least_recently_used_first(tmp_path: Path) -> None:
+    a, b, c, d, e = random_chunks(5, 256 * KIB, seed=2)
+    with SSDTier(str(tmp_path), 1 << 20, touch_after=0, touch_batch=1) as ssd:
+        for x in (a, b, c, d):
+            ssd.put(ref_for(x), x)
+        assert ssd.get(ref_for(a)) == a  # a becomes the most recent; b is the oldest
+        ssd.put(ref_for(e), e)
+        assert ssd.contains(ref_for(a).digest)
+        assert not ssd.contains(ref_for(b).digest)
+        assert not (tmp_path / "chunks" / ref_for(b).hex[:2] / ref_for(b).hex).exists()
+        assert ssd.usage() == (4 * 256 * KIB, 4)
+
+
+def test_access_times_are_batched_not_written_per_hit(tmp_path: Path) -> None:
+    a = random_chunks(1, 4 * KIB, seed=3)[0]
+    with SSDTier(str(tmp_path), 1 << 20, touch_after=0, touch_batch=1000, touch_interval=1000) as ssd:
+        ssd.put(ref_for(a), a)
+        before = ssd._record(ref_for(a).digest)
+        assert ssd.get(ref_for(a)) == a
+        assert ssd._record(ref_for(a).digest) == before  # queued, not written
+        ssd.flush()
+        after = ssd._record(ref_for(a).digest)
+        assert after is not None and before is not None and after[1] > before[1]
+
+
+def test_corrupt_file_is_dropped_and_never_served(tmp_path: Path) -> None:
+    good, other = random_chunks(2, 64 * KIB, seed=4)
+    r = ref_for(good)
+    with SSDTier(str(tmp_path), 1 << 20) as ssd:
+        ssd.put_many([(r, good), (ref_for(other), other)])
+        path = tmp_path / "chunks" / r.hex[:2] / r.hex
+        raw = bytearray(path.read_bytes())
+        raw[1000] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        assert ssd.get(r) is None
+        assert ssd.stats().corrupt == 1
+        assert not path.exists() and not ssd.contains(r.digest)
+        assert ssd.usage() == (len(other), 1)
+        # A truncated file is caught too.
+        op = tmp_path / "chunks" / ref_for(other).hex[:2] / ref_for(other).hex
+        op.write_bytes(other[:-1])
+        assert ssd.get(ref_for(other)) is None
+        assert ssd.usage() == (0, 0)
+        # Refilled, it is served again.
+        ssd.put(r, good)
+        assert ssd.get(r) == good
+
+
+def test_record_without_file_is_a_miss_and_is_dropped(tmp_path: Path) -> None:
+    a = random_chunks(1, 8 * KIB, seed=5)[0]
+    with SSDTier(str(tmp_path), 1 << 20) as ssd:
+        ssd.put(ref_for(a), a)
+        os.unlink(ssd.path_of(ref_for(a).digest))
+        assert ssd.get(ref_for(a)) is None
+        assert ssd.usage() == (0, 0) and not ssd.contains(ref_for(a).digest)
+
+
+def test_file_without_record_is_never_served(tmp_path: Path) -> None:
+    a, b = random_chunks(2, 8 * KIB, seed=6)
+    with SSDTier(str(tmp_path), 1 << 20) as ssd:
+        # What a crash between rename and commit leaves: a file, no record.
+        for data, content in ((a, a), (b, b"not the chunk at all")):
+            p = Path(ssd.path_of(ref_for(data).digest))
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(content)
+        assert ssd.get(ref_for(a)) is None
+        assert ssd.get(ref_for(b)) is None
+        assert ssd.usage() == (0, 0)
+        ssd.put(ref_for(b), b)  # a refill replaces the orphan
+        assert ssd.get(ref_for(b)) == b
+        assert ssd.usage() == (len(b), 1)
+        report = ssd.scrub()
+        assert (report.orphan_files, report.missing_files) == (1, 0)
+        assert not Path(ssd.path_of(ref_for(a).digest)).exists()
+        assert ssd.usage() == (len(b), 1)
+
+
+def test_leftover_temporaries_of_dead_processes_are_swept_at_open(tmp_path: Path) -> None:
+    SSDTier(str(tmp_path), 1 << 20).close()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / "tmp" / f"{int(dead.stdout)}.deadbeef"
+    live = tmp_path / "tmp" / f"{os.getpid()}.cafef00d"
+    stale.write_bytes(b"half a chunk")
+    live.write_bytes(b"a fill in progress")
+    with SSDTier(str(tmp_path), 1 << 20) as ssd:
+        assert not stale.exists()
+        assert live.exists()  # a live process's fill is left alone
+        assert ssd.usage() == (0, 0)
+
+
+# ---- real processes ----------------------------------------------------------------
+
+def _crash_child(directory: str, mode: str) -> None:
+    """Fill, then die (os._exit) at the worst moment, holding LMDB's writer lock."""
+    import cache.ssd as ssdmod
+
+    chunks = random_chunks(4, 256 * KIB, seed=7)
+    ssd = ssdmod.SSDTier(directory, 1 << 20)
+    if mode == "after-evict-unlink":
+        for c in chunks[:4]:
+            ssd.put(ref_for(c), c)
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def rename_then_die(src: str, dst: str) -> None:
+        real_rename(src, dst)
+        os._exit(9)
+
+    def unlink_then_die(path: str) -> None:
+        real_unlink(path)
+        if "/chunks/" in path:
+            os._exit(9)
+
+    if mode == "after-rename":
+        ssdmod.os.rename = rename_then_die  # type: ignore[assignment]
+        ssd.put(ref_for(chunks[0]), chunks[0])
+    else:
+        ssdmod.os.unlink = unlink_then_die  # type: ignore[assignment]
+        extra = random_chunks(1, 256 * KIB, seed=8)[0]
+        ssd.put(ref_for(extra), extra)
+    os._exit(0)  # not reached if the crash happened
+
+
+def _run_crash(directory: str, mode: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    p = ctx.Process(target=_crash_child, args=(directory, mode))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 9
+
+
+def test_crash_after_rename_before_commit(tmp_path: Path) -> None:
+    _run_crash(str(tmp_path), "after-rename")
+    c0 = random_chunks(4, 256 * KIB, seed=7)[0]
+    with SSDTier(str(tmp_path), 1 << 20) as ssd:
+        assert Path(ssd.path_of(ref_for(c0).digest)).exists()  # the orphan is there...
+        assert ssd.get(ref_for(c0)) is None  # ...and not served
+        assert ssd.usage() == (0, 0)
+        other = random_chunks(1, 8 * KIB, seed=9)[0]
+        ssd.put(ref_for(other), other)  # the dead writer's lock was recovered
+        assert ssd.get(ref_for(other)) == other
+        assert ssd.scrub().orphan_files == 1
+
+
+def test_crash_during_eviction_before_commit(tmp_path: Path) -> None:
+    _run_crash(str(tmp_path), "after-evict-unlink")
+    chunks = random_chunks(4, 256 * KIB, seed=7)
+    with SSDTier(str(tmp_path), 1 << 20) as ssd:
+        # The eviction was never committed: 4 records, one file gone.
+        assert ssd.usage() == (4 * 256 * KIB, 4)
+        served = [ssd.get(ref_for(c)) for c in chunks]
+        assert served.count(None) == 1
+        assert all(s == c for s, c in zip(served, chunks) if s is not None)
+        assert ssd.usage() == (3 * 256 * KIB, 3)
+
+
+def _sharing_child(directory: str, start: int, stop: int, bound: int, q: "multiprocessing.Queue[tuple[int, int, int]]") -> None:
+    chunks = random_chunks(stop, 32 * KIB, seed=10)
+    ssd = SSDTier(directory, bound)
+    hits = wrong = over = 0
+    for i in range(start, stop):
+        batch = [(ref_for(chunks[i]), chunks[i])]
+        ssd.put_many(batch)
+        for j in range(max(0, i - 24), i + 1, 3):  # read back recent ones, the other's too
+            got = ssd.get(ref_for(chunks[j]))
+            if got is not None:
+                hits += 1
+                wrong += got != chunks[j]
+        if ssd.usage()[0] > bound:
+            over += 1
+    ssd.close()
+    q.put((hits, wrong, over))
+
+
+def test_two_processes_share_one_directory(tmp_path: Path) -> None:
+    bound = 1 << 20
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_sharing_child, args=(str(tmp_path), lo, hi, bound, q))
+             for lo, hi in ((0, 120), (60, 180))]  # overlapping chunk sets
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for hits, wrong, over in results:
+        assert wrong == 0 and over == 0 and hits > 0
+    chunks = random_chunks(180, 32 * KIB, seed=10)
+    with SSDTier(str(tmp_path), bound) as ssd:
+        total, count = ssd.usage()
+        assert 0 < total <= bound
+        on_disk = files_on_disk(tmp_path)
+        assert sum(on_disk.values()) == total and len(on_disk) == count
+        report = ssd.scrub()
+        assert (report.orphan_files, report.missing_files, report.total) == (0, 0, total)
+        held = [c for c in chunks if ssd.get(ref_for(c)) is not None]
+        assert len(held) == count
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_threads_share_one_tier(tmp_path: Path) -> None:
+    bound = 512 * KIB
+    chunks = random_chunks(64, 16 * KIB, seed=11)
+    problems: list[str] = []
+    with SSDTier(str(tmp_path), bound, fsync=False) as ssd:
+        def worker(k: int) -> None:
+            for n in range(150):
+                i = (n * 7 + k * 13) % len(chunks)
+                got = ssd.get(ref_for(chunks[i]))
+                if got is None:
+                    ssd.put(ref_for(chunks[i]), chunks[i])
+                elif got != chunks[i]:
+                    problems.append(f"wrong bytes for {i}")
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert problems == []
+        total, count = ssd.usage()
+        assert total <= bound
+        assert sum(files_on_disk(tmp_path).values()) == total
+        assert ssd.stats().hits > 0
+
+
+def test_one_directory_opened_twice_in_a_process_shares_the_environment(tmp_path: Path) -> None:
+    a = random_chunks(1, 8 * KIB, seed=12)[0]
+    one = SSDTier(str(tmp_path), 1 << 20)
+    two = SSDTier(str(tmp_path), 1 << 20)
+    one.put(ref_for(a), a)
+    assert two.get(ref_for(a)) == a
+    one.close()
+    assert two.get(ref_for(a)) == a  # still open for the other instance
+    two.close()
+
+
+def test_rejects_negative_bound(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        SSDTier(str(tmp_path), -1)
