@@ -38,5 +38,5 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+"$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]"
 echo "install.sh: ready ($VENV)" >&2
