@@ -54,12 +54,15 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import lmdb
 
 from cache.chunk import ChunkRef, CorruptChunk, verify
 from cache.stats import Counters, TierStats
+
+if TYPE_CHECKING:
+    from lmdb import _Database
 
 CHUNKS_DIR = "chunks"
 TMP_DIR = "tmp"
@@ -90,9 +93,9 @@ def _pid_alive(pid: int) -> bool:
 @dataclass
 class _Env:
     env: lmdb.Environment
-    chunks: object  # lmdb _Database handles
-    lru: object
-    meta: object
+    chunks: _Database
+    lru: _Database
+    meta: _Database
     refs: int = 0
 
 
@@ -249,13 +252,12 @@ class SSDTier:
                 os.unlink(path)
             self._drop(txn, digest, rec)
 
-    def _drop(self, txn: lmdb.Transaction, digest: bytes, rec: bytes) -> int:
+    def _drop(self, txn: lmdb.Transaction, digest: bytes, rec: bytes | memoryview) -> None:
         size, atime = _REC.unpack(rec)
         txn.delete(digest, db=self._e.chunks)
         txn.delete(_lru_key(atime, digest), db=self._e.lru)
         total, count = self._totals(txn)
         self._set_totals(txn, max(0, total - size), max(0, count - 1))
-        return size
 
     # ---- last access -------------------------------------------------------------
 
@@ -378,7 +380,7 @@ class SSDTier:
         evicted = 0
         cur = txn.cursor(db=self._e.lru)
         while total > self.max_bytes and cur.first():
-            digest = cur.key()[_ATIME.size:]
+            digest = bytes(cur.key()[_ATIME.size:])
             cur.delete()
             rec = txn.get(digest, db=self._e.chunks)
             if rec is None:
@@ -399,7 +401,7 @@ class SSDTier:
     def _totals(self, txn: lmdb.Transaction) -> tuple[int, int]:
         t = txn.get(_TOTAL, db=self._e.meta)
         c = txn.get(_COUNT, db=self._e.meta)
-        return (_ATIME.unpack(t)[0] if t else 0, _ATIME.unpack(c)[0] if c else 0)
+        return (int(_ATIME.unpack(t)[0]) if t else 0, int(_ATIME.unpack(c)[0]) if c else 0)
 
     def _set_totals(self, txn: lmdb.Transaction, total: int, count: int) -> None:
         txn.put(_TOTAL, _ATIME.pack(total), db=self._e.meta)

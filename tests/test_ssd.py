@@ -176,10 +176,10 @@ def _crash_child(directory: str, mode: str) -> None:
             os._exit(9)
 
     if mode == "after-rename":
-        ssdmod.os.rename = rename_then_die  # type: ignore[assignment]
+        setattr(os, "rename", rename_then_die)  # this process only: it is about to die
         ssd.put(ref_for(chunks[0]), chunks[0])
     else:
-        ssdmod.os.unlink = unlink_then_die  # type: ignore[assignment]
+        setattr(os, "unlink", unlink_then_die)
         extra = random_chunks(1, 256 * KIB, seed=8)[0]
         ssd.put(ref_for(extra), extra)
     os._exit(0)  # not reached if the crash happened

@@ -1,0 +1,423 @@
+"""The read-through chunk chain: memory -> SSD -> remote tiers -> blob store, on trio.
+
+What the filesystem awaits for every chunk it does not find in the kernel page cache.
+The shape follows from the physics in DESIGN.md:
+
+- A memory hit is served on the trio thread with no thread hop and no await: it is
+  the common case once a workload is warm, and Python per-request work is the budget.
+- Everything that blocks (SSD reads, blob-store reads, decompression, hashing) runs in
+  worker threads, bounded by the chain's own limiters rather than trio's global one.
+- Single flight: the first get of a cold digest starts one fetch; later gets of the
+  same digest wait for it. A neighbour being brought in by another ranged read counts
+  as in flight too. Fetches run as trio *system* tasks, so a caller that is cancelled
+  (an interrupted FUSE request) does not cancel the fetch other callers share.
+- Demand before prefetch: prefetch has its own, smaller limiter and takes no demand
+  slot, so a demand get never waits for a slot behind prefetches. A prefetch registers
+  its chunks as in flight only once it holds its slot and starts reading, so a demand
+  get never waits on a queued prefetch either.
+- A remote tier (the AZ cache server) is a fallback, never a point of failure: one
+  that raises, times out or returns bad bytes counts as a miss. The chain verifies
+  what remote tiers return (they need not), so a wrong server costs latency only.
+- Blob-store errors are retried with exponential backoff; after that the get raises
+  :class:`ChunkUnavailable`, naming the chunk.
+- Fills go upward: what came from below is put in memory at once and queued for the
+  SSD, which one background task writes in batches (write-behind, so a reader never
+  waits for a disk write; if the queue is over its byte bound, the SSD copy is skipped).
+  Until written, queued chunks are served from the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Protocol, Sequence, runtime_checkable
+
+import trio
+
+from cache.blobstore import BlobStoreError
+from cache.blobtier import BlobTier, contiguous_run
+from cache.chunk import ChunkError, ChunkRef, CorruptChunk, verify
+from cache.memory import MemoryTier
+from cache.ssd import SSDTier
+from cache.stats import ChainStats, Counters, TierStats
+
+log = logging.getLogger(__name__)
+
+FILL_BATCH_CHUNKS = 64
+FILL_BATCH_BYTES = 64 << 20
+
+
+class ChunkUnavailable(ChunkError):
+    """Every tier failed for a chunk (after retries). ``reason`` says how."""
+
+    def __init__(self, ref: ChunkRef, reason: str) -> None:
+        super().__init__(f"{ref} unavailable: {reason}")
+        self.ref = ref
+        self.reason = reason
+
+
+@runtime_checkable
+class RemoteTier(Protocol):
+    """A tier reached over the network (the AZ cache server's client).
+
+    ``fetch`` returns digest -> uncompressed bytes for the refs it has and leaves out
+    the rest. It may raise or hang: the chain treats that as a miss, with a timeout.
+    """
+
+    name: str
+
+    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]: ...
+
+
+class _Flight:
+    """One fetch in progress that gets of its digest wait on.
+
+    ``primary`` flights were started for this digest by a demand get: their error is
+    the answer. Others (a neighbour in someone's range, a prefetch) may end without
+    data; a waiter then starts a fetch of its own.
+    """
+
+    __slots__ = ("done", "data", "error", "primary")
+
+    def __init__(self, primary: bool) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: ChunkUnavailable | None = None
+        self.primary = primary
+
+
+class ChunkChain:
+    """Implements :class:`cache.tier.ChunkReader` over the tiers, fastest first."""
+
+    def __init__(self, blob: BlobTier, ssd: SSDTier | None, memory: MemoryTier, *,
+                 remote_tiers: Sequence[RemoteTier] = (), max_fetches: int = 16,
+                 max_prefetches: int = 4, retries: int = 3, backoff: float = 0.05,
+                 remote_timeout: float = 2.0, ssd_readers: int = 8,
+                 max_fill_pending: int = 128 << 20) -> None:
+        self.blob = blob
+        self.ssd = ssd
+        self.memory = memory
+        self.remote_tiers = tuple(remote_tiers)
+        self.retries = retries
+        self.backoff = backoff
+        self.remote_timeout = remote_timeout
+        self.max_fill_pending = max_fill_pending
+        self._demand = trio.CapacityLimiter(max_fetches)
+        self._prefetch = trio.CapacityLimiter(max_prefetches)
+        self._ssd_read = trio.CapacityLimiter(ssd_readers)
+        # Our own thread budget: the limiters above bound it, so it never makes anyone wait.
+        self._threads = trio.CapacityLimiter(max_fetches + max_prefetches + ssd_readers + 1)
+        self._inflight: dict[bytes, _Flight] = {}
+        self._fill_queue: deque[tuple[ChunkRef, bytes]] = deque()
+        self._fill_pending: dict[bytes, bytes] = {}
+        self._fill_bytes = 0
+        self._filler_running = False
+        self._fill_idle: trio.Event | None = None
+        self._remote_counters = {t.name: Counters(t.name) for t in self.remote_tiers}
+        self._gets = self._joined = self._fetches = self._retries = self._unavailable = 0
+        self._prefetched = self._prefetch_failed = self._fill_dropped = 0
+
+    # ---- demand ------------------------------------------------------------------
+
+    async def get(self, ref: ChunkRef, neighbours: Sequence[ChunkRef] = ()) -> bytes:
+        """The verified bytes of ``ref``; ``neighbours`` (stored right after it, in pack
+        order) may come along in the same ranged read. Raises :class:`ChunkUnavailable`."""
+        self._gets += 1
+        data = self.memory.get(ref)
+        if data is not None:
+            return data
+        return await self._get_cold(ref, neighbours)
+
+    async def _get_cold(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
+        d = ref.digest
+        while True:
+            data = self._fill_pending.get(d)
+            if data is not None:
+                self.memory.put(ref, data)
+                return data
+            flight = self._inflight.get(d)
+            if flight is None:
+                flight = self._inflight[d] = _Flight(primary=True)
+                trio.lowlevel.spawn_system_task(self._run_demand, ref, tuple(neighbours), flight,
+                                                name=f"imagefs fetch {ref.hex[:16]}")
+            else:
+                self._joined += 1
+            await flight.done.wait()
+            if flight.data is not None:
+                return flight.data
+            if flight.primary and flight.error is not None:
+                raise ChunkUnavailable(ref, flight.error.reason)
+            data = self.memory.peek(d)  # the other fetch did not bring it: our turn
+            if data is not None:
+                return data
+
+    async def _run_demand(self, ref: ChunkRef, neighbours: Sequence[ChunkRef], flight: _Flight) -> None:
+        try:
+            flight.data = await self._load(ref, neighbours)
+        except ChunkUnavailable as e:
+            self._unavailable += 1
+            flight.error = e
+        except Exception as e:  # never let a bug kill the trio run (and the mount)
+            log.exception("fetching %s", ref)
+            self._unavailable += 1
+            flight.error = ChunkUnavailable(ref, f"internal error: {e!r}")
+        finally:
+            if self._inflight.get(ref.digest) is flight:
+                del self._inflight[ref.digest]
+            flight.done.set()
+
+    async def _load(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
+        run = contiguous_run(ref, neighbours, self.blob.max_range) if neighbours else []
+        held: set[bytes] = set()
+        if self.ssd is not None:
+            async with self._ssd_read:
+                data, held = await trio.to_thread.run_sync(self._ssd_probe, ref, run,
+                                                           limiter=self._threads)
+            if data is not None:
+                self.memory.put(ref, data)
+                return data
+        async with self._demand:
+            claimed = self._claim(ref, run, held)
+            got: dict[bytes, bytes] = {}
+            try:
+                got = await self._fetch_below(ref, [c for c, _ in claimed])
+            finally:
+                self._settle(claimed, got)
+        data = got.get(ref.digest)
+        if data is None:
+            raise ChunkUnavailable(ref, "no tier returned it")
+        self._fill(ref, data)
+        return data
+
+    def _ssd_probe(self, ref: ChunkRef, run: Sequence[ChunkRef]) -> tuple[bytes | None, set[bytes]]:
+        """(worker thread) ref's bytes from the SSD, else which neighbours the SSD holds."""
+        assert self.ssd is not None
+        try:  # a broken SSD is a miss, never a failed read
+            data = self.ssd.get(ref)
+            if data is not None or not run:
+                return data, set()
+            return None, self.ssd.contains_many(n.digest for n in run)
+        except Exception as e:
+            log.warning("ssd tier: %s: %r", ref, e)
+            self.ssd.counters.add(errors=1)
+            return None, set()
+
+    def _held_locally(self, digest: bytes) -> bool:
+        return digest in self._inflight or digest in self._fill_pending or digest in self.memory
+
+    def _claim(self, ref: ChunkRef, run: Sequence[ChunkRef],
+               held: set[bytes]) -> list[tuple[ChunkRef, _Flight]]:
+        """Mark as in flight the leading neighbours nobody has or is fetching; stop at the
+        first that is (what follows it is most likely being fetched or held too)."""
+        claimed: list[tuple[ChunkRef, _Flight]] = []
+        for n in run:
+            if n.digest == ref.digest or n.digest in held or self._held_locally(n.digest):
+                break
+            f = self._inflight[n.digest] = _Flight(primary=False)
+            claimed.append((n, f))
+        return claimed
+
+    def _settle(self, claimed: Sequence[tuple[ChunkRef, _Flight]], got: dict[bytes, bytes]) -> None:
+        """Fill what arrived for the claimed chunks and release their waiters."""
+        for r, f in claimed:
+            data = got.get(r.digest)
+            if data is not None:
+                self._fill(r, data)
+            f.data = data
+            if self._inflight.get(r.digest) is f:
+                del self._inflight[r.digest]
+            f.done.set()
+
+    # ---- below the local tiers ---------------------------------------------------
+
+    async def _fetch_below(self, ref: ChunkRef, run: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+        """Fetch ``ref`` (and, where cheap, ``run``) from the remote tiers, then the blob store."""
+        self._fetches += 1
+        got: dict[bytes, bytes] = {}
+        wanted = [ref, *run]
+        for tier in self.remote_tiers:
+            got.update(await self._ask_remote(tier, [r for r in wanted if r.digest not in got]))
+            if ref.digest in got:
+                return got
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._retries += 1
+                await trio.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                more = await trio.to_thread.run_sync(self.blob.fetch, ref, run, limiter=self._threads)
+            except CorruptChunk as e:
+                raise ChunkUnavailable(ref, str(e)) from e
+            except (BlobStoreError, OSError) as e:
+                last = e
+                continue
+            except Exception as e:
+                raise ChunkUnavailable(ref, f"blob tier failed: {e!r}") from e
+            for k, v in more.items():
+                got.setdefault(k, v)
+            return got
+        raise ChunkUnavailable(ref, f"blob store failed {self.retries + 1} times: {last}") from last
+
+    async def _ask_remote(self, tier: RemoteTier, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+        c = self._remote_counters[tier.name]
+        t0 = time.perf_counter()
+        try:
+            with trio.fail_after(self.remote_timeout):
+                raw = await tier.fetch(refs)
+            by_digest = {r.digest: r for r in refs}
+            offered = {d: v for d, v in raw.items() if d in by_digest}
+        except trio.TooSlowError:
+            c.add(errors=1, misses=len(refs))
+            return {}
+        except Exception as e:
+            log.debug("remote tier %s: %r", tier.name, e)
+            c.add(errors=1, misses=len(refs))
+            return {}
+        good: dict[bytes, bytes] = {}
+        if offered:
+            good = await trio.to_thread.run_sync(_verified, by_digest, offered, limiter=self._threads)
+        c.fetch(len(good), sum(map(len, good.values())), time.perf_counter() - t0, wanted=len(refs))
+        if len(good) < len(offered):
+            c.add(corrupt=len(offered) - len(good))
+        return good
+
+    # ---- fills (write-behind to the SSD) -------------------------------------------
+
+    def _fill(self, ref: ChunkRef, data: bytes) -> None:
+        self.memory.put(ref, data)
+        if self.ssd is None or ref.digest in self._fill_pending:
+            return
+        if self._fill_bytes + len(data) > self.max_fill_pending:
+            self._fill_dropped += 1
+            return
+        self._fill_queue.append((ref, data))
+        self._fill_pending[ref.digest] = data
+        self._fill_bytes += len(data)
+        if not self._filler_running:
+            self._filler_running = True
+            trio.lowlevel.spawn_system_task(self._filler, name="imagefs ssd write-behind")
+
+    async def _filler(self) -> None:
+        assert self.ssd is not None
+        try:
+            while self._fill_queue:
+                batch: list[tuple[ChunkRef, bytes]] = []
+                nbytes = 0
+                while self._fill_queue and len(batch) < FILL_BATCH_CHUNKS and nbytes < FILL_BATCH_BYTES:
+                    item = self._fill_queue.popleft()
+                    batch.append(item)
+                    nbytes += len(item[1])
+                try:
+                    await trio.to_thread.run_sync(self.ssd.put_many, batch, limiter=self._threads)
+                except Exception as e:
+                    log.warning("ssd tier: write-behind of %d chunks failed: %r", len(batch), e)
+                    self.ssd.counters.add(errors=1)
+                finally:
+                    for r, data in batch:
+                        if self._fill_pending.pop(r.digest, None) is not None:
+                            self._fill_bytes -= len(data)
+        finally:
+            self._filler_running = False
+            if self._fill_idle is not None:
+                self._fill_idle.set()
+                self._fill_idle = None
+
+    async def drain(self) -> None:
+        """Wait until every queued SSD fill has been written."""
+        while self._filler_running:
+            if self._fill_idle is None:
+                self._fill_idle = trio.Event()
+            await self._fill_idle.wait()
+
+    async def aclose(self) -> None:
+        """Finish queued fills and write the SSD's queued access times (the SSD tier
+        itself belongs to the caller and stays open)."""
+        await self.drain()
+        if self.ssd is not None:
+            await trio.to_thread.run_sync(self.ssd.flush, limiter=self._threads)
+
+    # ---- prefetch ----------------------------------------------------------------
+
+    async def prefetch(self, refs: Sequence[ChunkRef]) -> int:
+        """Bring ``refs`` (in pack order where possible) into the local tiers ahead of
+        demand, a few ranged reads at a time; returns how many chunks were fetched.
+        Best effort: failures are counted, not raised. Cancelling stops it cleanly."""
+        runs: list[list[ChunkRef]] = []
+        i = 0
+        while i < len(refs):
+            run = [refs[i], *contiguous_run(refs[i], refs[i + 1:], self.blob.max_range)]
+            runs.append(run)
+            i += len(run)
+        before = self._prefetched
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                nursery.start_soon(self._prefetch_run, run)
+        return self._prefetched - before
+
+    async def _prefetch_run(self, run: list[ChunkRef]) -> None:
+        async with self._prefetch:
+            todo = [r for r in run if not self._held_locally(r.digest)]
+            if todo and self.ssd is not None:
+                try:
+                    held = await trio.to_thread.run_sync(
+                        self.ssd.contains_many, [r.digest for r in todo], limiter=self._threads)
+                except Exception:
+                    held = set()
+                todo = [r for r in todo if r.digest not in held]
+            while todo:
+                # Re-check and claim right before reading (no await in between).
+                todo = [r for r in todo if not self._held_locally(r.digest)]
+                if not todo:
+                    break
+                sub = [todo[0], *contiguous_run(todo[0], todo[1:], self.blob.max_range)]
+                todo = todo[len(sub):]
+                claimed = []
+                for r in sub:
+                    if r.digest in self._inflight:
+                        break  # a duplicate digest within the run
+                    claimed.append((r, _Flight(primary=False)))
+                    self._inflight[r.digest] = claimed[-1][1]
+                got: dict[bytes, bytes] = {}
+                try:
+                    got = await self._fetch_below(claimed[0][0], [r for r, _ in claimed[1:]])
+                except ChunkUnavailable as e:
+                    log.debug("prefetch: %s", e)
+                except Exception:
+                    log.exception("prefetch of %s", claimed[0][0])
+                finally:
+                    self._settle(claimed, got)
+                n = sum(1 for r, _ in claimed if r.digest in got)
+                self._prefetched += n
+                self._prefetch_failed += len(claimed) - n
+                todo = sub[len(claimed):] + todo  # after a duplicate: next round
+
+    # ---- statistics --------------------------------------------------------------
+
+    def stats(self) -> ChainStats:
+        """A frozen snapshot of every tier's counters and the chain's own."""
+        tiers: list[TierStats] = [self.memory.stats()]
+        if self.ssd is not None:
+            tiers.append(self.ssd.stats())
+        tiers.extend(self._remote_counters[t.name].snapshot() for t in self.remote_tiers)
+        tiers.append(self.blob.stats())
+        return ChainStats(
+            tiers=tuple(tiers), gets=self._gets, joined=self._joined, fetches=self._fetches,
+            retries=self._retries, unavailable=self._unavailable, prefetched=self._prefetched,
+            prefetch_failed=self._prefetch_failed, fill_pending=self._fill_bytes,
+            fill_dropped=self._fill_dropped,
+        )
+
+
+def _verified(by_digest: dict[bytes, ChunkRef], offered: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """(worker thread) The offered chunks whose bytes match their digest and size."""
+    good: dict[bytes, bytes] = {}
+    for d, v in offered.items():
+        if len(v) != by_digest[d].ulen:
+            continue
+        try:
+            verify(d, v)
+        except CorruptChunk:
+            continue
+        good[d] = bytes(v)
+    return good

@@ -1,0 +1,420 @@
+"""The blob tier and the read-through chain against real packs in a real LocalStore
+(and a real SSD tier on disk): ranged reads, single flight, demand before prefetch,
+retries, verification at every step, write-behind fills."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
+
+import pytest
+import trio
+
+from cache.blobtier import BlobTier
+from cache.chain import ChunkChain, ChunkUnavailable
+from cache.chunk import ChunkRef, CorruptChunk, digest_of
+from cache.memory import MemoryTier
+from cache.ssd import SSDTier
+from tests.support.chunks import CountingStore, overwrite_in_pack, random_chunks, write_pack
+
+KIB = 1024
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    trio.run(fn)
+
+
+def lying(ref: ChunkRef) -> ChunkRef:
+    """A ref whose digest does not match what its pack range holds (an index/pack
+    mismatch): the bytes decompress fine but must never be served."""
+    return dataclasses.replace(ref, digest=digest_of(b"something else " + ref.digest))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CountingStore:
+    return CountingStore(str(tmp_path / "store"))
+
+
+# ---- blob tier -------------------------------------------------------------------
+
+def test_blob_reads_contiguous_neighbours_in_one_range(store: CountingStore) -> None:
+    chunks = random_chunks(8, 64 * KIB)
+    refs = write_pack(store, chunks)
+    blob = BlobTier(store)
+    got = blob.fetch(refs[0], refs[1:])
+    assert got == {r.digest: c for r, c in zip(refs, chunks)}
+    assert store.calls == [(refs[0].pack, 0, refs[-1].offset + refs[-1].clen)]
+    s = blob.stats()
+    assert (s.requests, s.hits, s.bytes) == (1, 8, refs[-1].offset + refs[-1].clen)
+
+
+def test_blob_range_stops_at_gap_other_pack_and_max_range(store: CountingStore) -> None:
+    chunks = random_chunks(4, 64 * KIB, seed=1)
+    refs = write_pack(store, chunks)
+    other = write_pack(store, random_chunks(1, 64 * KIB, seed=2))
+    blob = BlobTier(store)
+    assert set(blob.fetch(refs[0], [refs[1], refs[3]])) == {refs[0].digest, refs[1].digest}
+    assert store.calls[-1] == (refs[0].pack, 0, refs[0].clen + refs[1].clen)
+    assert set(blob.fetch(refs[2], [other[0]])) == {refs[2].digest}
+    small = BlobTier(store, max_range=refs[1].clen + refs[2].clen)
+    assert set(small.fetch(refs[1], refs[2:])) == {refs[1].digest, refs[2].digest}
+    assert blob.stats().requests == 2 and small.stats().requests == 1
+
+
+def test_blob_drops_a_corrupt_neighbour_and_refuses_a_corrupt_chunk(store: CountingStore) -> None:
+    chunks = random_chunks(3, 64 * KIB, seed=3)
+    refs = write_pack(store, chunks)
+    blob = BlobTier(store)
+    got = blob.fetch(refs[0], [lying(refs[1]), refs[2]])
+    assert got == {refs[0].digest: chunks[0], refs[2].digest: chunks[2]}
+    assert blob.stats().corrupt == 1
+    before = store.range_reads
+    overwrite_in_pack(store, refs[1], b"\x00" * refs[1].clen)  # real damage on disk
+    with pytest.raises(CorruptChunk, match=refs[1].hex[:16]):
+        blob.fetch(refs[1], [refs[2]])
+    assert store.range_reads - before == 2  # the range, then the chunk once more by itself
+
+
+class FlipOnceStore(CountingStore):
+    """Damages the first ranged read it serves (a transfer error), then behaves."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.flipped = False
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        data = super().get_range(key, offset, length)
+        if not self.flipped:
+            self.flipped = True
+            data = data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
+        return data
+
+
+def test_blob_rereads_a_chunk_damaged_in_transit(tmp_path: Path) -> None:
+    store = FlipOnceStore(str(tmp_path / "store"))
+    chunks = random_chunks(2, 64 * KIB, seed=4)
+    refs = write_pack(store, chunks)
+    assert BlobTier(store).fetch(refs[0], refs[1:])[refs[0].digest] == chunks[0]
+    assert store.range_reads == 2
+
+
+# ---- the chain ---------------------------------------------------------------------
+
+def make_chain(store: CountingStore, tmp_path: Path | None = None, *, memory: int = 64 << 20,
+               ssd_bytes: int = 64 << 20, **kw: object) -> ChunkChain:
+    ssd = SSDTier(str(tmp_path / "ssd"), ssd_bytes) if tmp_path is not None else None
+    return ChunkChain(BlobTier(store), ssd, MemoryTier(memory), **kw)  # type: ignore[arg-type]
+
+
+def test_single_flight_64_concurrent_gets_one_range_read(store: CountingStore, tmp_path: Path) -> None:
+    store.delay = 0.05
+    chunk = random_chunks(1, 256 * KIB, seed=5)[0]
+    ref = write_pack(store, [chunk])[0]
+    chain = make_chain(store, tmp_path)
+    results: list[bytes] = []
+
+    async def main() -> None:
+        async def one() -> None:
+            results.append(await chain.get(ref))
+        async with trio.open_nursery() as n:
+            for _ in range(64):
+                n.start_soon(one)
+        await chain.drain()
+
+    run(main)
+    assert results == [chunk] * 64
+    assert store.range_reads == 1
+    s = chain.stats()
+    assert s.gets == 64 and s.joined == 63 and s.fetches == 1
+    assert chain.ssd is not None and chain.ssd.contains(ref.digest)
+
+
+def test_neighbours_come_in_one_read_and_are_then_served_locally(store: CountingStore, tmp_path: Path) -> None:
+    chunks = random_chunks(8, 64 * KIB, seed=6)
+    refs = write_pack(store, chunks)
+    # Memory holds one chunk only: the neighbours must come back from the SSD.
+    chain = make_chain(store, tmp_path, memory=64 * KIB)
+
+    async def main() -> None:
+        assert await chain.get(refs[0], refs[1:]) == chunks[0]
+        await chain.drain()
+        for r, c in zip(refs[1:], chunks[1:]):
+            assert await chain.get(r, refs[refs.index(r) + 1:]) == c
+
+    run(main)
+    assert store.range_reads == 1
+    s = chain.stats()
+    assert s.tier("ssd").hits == 7
+    assert s.tier("blob").hits == 8
+
+
+def test_a_neighbour_being_fetched_counts_as_in_flight(store: CountingStore) -> None:
+    store.delay = 0.2
+    chunks = random_chunks(6, 32 * KIB, seed=7)
+    refs = write_pack(store, chunks)
+    chain = make_chain(store)
+    got: dict[int, bytes] = {}
+
+    async def main() -> None:
+        async def get(i: int, neighbours: Sequence[ChunkRef]) -> None:
+            got[i] = await chain.get(refs[i], neighbours)
+        async with trio.open_nursery() as n:
+            n.start_soon(get, 0, refs[1:])
+            await trio.sleep(0.05)  # the range read is under way
+            n.start_soon(get, 3, refs[4:])
+            n.start_soon(get, 5, ())
+
+    run(main)
+    assert got == {0: chunks[0], 3: chunks[3], 5: chunks[5]}
+    assert store.range_reads == 1
+    assert chain.stats().joined == 2
+
+
+def test_a_range_stops_before_a_chunk_already_held(store: CountingStore) -> None:
+    chunks = random_chunks(6, 32 * KIB, seed=19)
+    refs = write_pack(store, chunks)
+    chain = make_chain(store)
+
+    async def main() -> None:
+        assert await chain.get(refs[3]) == chunks[3]
+        assert await chain.get(refs[0], refs[1:]) == chunks[0]
+
+    run(main)
+    # refs[3] is held, so the second read covers refs[0..2] only.
+    assert store.calls[1] == (refs[0].pack, 0, refs[3].offset)
+
+
+def test_demand_does_not_wait_behind_prefetch(store: CountingStore) -> None:
+    store.delay = 0.1
+    prefetch_refs = [write_pack(store, [c])[0] for c in random_chunks(8, 16 * KIB, seed=8)]
+    wanted = random_chunks(1, 16 * KIB, seed=9)[0]
+    demand_ref = write_pack(store, [wanted])[0]
+    chain = make_chain(store, max_fetches=1, max_prefetches=1)
+    took: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(chain.prefetch, prefetch_refs)
+            await trio.sleep(0.05)
+            t0 = trio.current_time()
+            assert await chain.get(demand_ref) == wanted
+            took.append(trio.current_time() - t0)
+
+    run(main)
+    keys = [k for k, _, _ in store.calls]
+    assert keys.index(demand_ref.pack) <= 2  # not after the eight prefetch reads
+    assert took[0] < 0.5
+    assert chain.stats().prefetched == 8
+
+
+def test_prefetch_brings_a_pack_in_one_read_and_fails_quietly(store: CountingStore, tmp_path: Path) -> None:
+    chunks = random_chunks(8, 32 * KIB, seed=10)
+    refs = write_pack(store, chunks)
+    gone = write_pack(store, random_chunks(2, 32 * KIB, seed=11))
+    store.delete(gone[0].pack)
+    chain = make_chain(store, tmp_path, retries=1, backoff=0.01)
+
+    async def main() -> None:
+        assert await chain.prefetch(refs) == 8
+        assert await chain.prefetch(gone) == 0
+        reads = store.range_reads
+        for r, c in zip(refs, chunks):
+            assert await chain.get(r) == c
+        assert store.range_reads == reads
+        assert await chain.prefetch(refs) == 0  # all held already: nothing to read
+        assert store.range_reads == reads
+        await chain.aclose()
+
+    run(main)
+    s = chain.stats()
+    assert s.prefetched == 8 and s.prefetch_failed == 2
+    assert s.tier("memory").hits == 8
+
+
+def test_missing_pack_raises_chunk_unavailable_after_retries(store: CountingStore) -> None:
+    ref = write_pack(store, random_chunks(1, 16 * KIB, seed=12))[0]
+    store.delete(ref.pack)
+    chain = make_chain(store, retries=2, backoff=0.01)
+    errors: list[ChunkUnavailable] = []
+
+    async def main() -> None:
+        async def one() -> None:
+            with pytest.raises(ChunkUnavailable) as e:
+                await chain.get(ref)
+            errors.append(e.value)
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(one)
+
+    run(main)
+    assert len(errors) == 3
+    assert ref.hex[:16] in str(errors[0]) and "3 times" in str(errors[0])
+    assert errors[0].ref == ref
+    assert store.range_reads == 3  # one first try and two retries, shared by all three gets
+    s = chain.stats()
+    assert s.retries == 2 and s.unavailable == 1 and s.tier("blob").errors == 3
+
+
+def test_a_corrupt_pack_chunk_is_never_returned(store: CountingStore, tmp_path: Path) -> None:
+    chunks = random_chunks(3, 32 * KIB, seed=13)
+    refs = write_pack(store, chunks)
+    bad = lying(refs[1])
+    damaged = write_pack(store, random_chunks(1, 32 * KIB, seed=18))[0]
+    chain = make_chain(store, tmp_path, retries=1, backoff=0.01)
+
+    async def main() -> None:
+        # As a neighbour it is dropped; the good neighbour after it still arrives.
+        assert await chain.get(refs[0], [bad, refs[2]]) == chunks[0]
+        await chain.drain()
+        assert bad.digest not in chain.memory and refs[2].digest in chain.memory
+        assert chain.ssd is not None and not chain.ssd.contains(bad.digest)
+        # Asked for directly, it is an error, not wrong bytes.
+        with pytest.raises(ChunkUnavailable, match="corrupt"):
+            await chain.get(bad)
+        assert bad.digest not in chain.memory
+        # Damaged on disk in the store: the same.
+        overwrite_in_pack(store, damaged, b"\xff" * damaged.clen)
+        with pytest.raises(ChunkUnavailable, match=damaged.hex[:16]):
+            await chain.get(damaged)
+        assert damaged.digest not in chain.memory
+
+    run(main)
+    assert chain.stats().tier("blob").corrupt >= 3
+
+
+def test_a_corrupt_ssd_copy_is_fetched_again(store: CountingStore, tmp_path: Path) -> None:
+    chunk = random_chunks(1, 128 * KIB, seed=14)[0]
+    ref = write_pack(store, [chunk])[0]
+    first = make_chain(store, tmp_path)
+
+    async def fill() -> None:
+        await first.get(ref)
+        await first.drain()
+
+    run(fill)
+    assert first.ssd is not None
+    path = Path(first.ssd.path_of(ref.digest))
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    second = ChunkChain(BlobTier(store), first.ssd, MemoryTier(1 << 20))  # cold memory
+
+    async def read() -> None:
+        assert await second.get(ref) == chunk
+        await second.drain()
+
+    run(read)
+    assert store.range_reads == 2
+    assert second.stats().tier("ssd").corrupt == 1
+    assert first.ssd.get(ref) == chunk  # refilled
+
+
+class DictRemote:
+    """A working remote tier: serves what it was given."""
+
+    def __init__(self, name: str, chunks: dict[bytes, bytes]) -> None:
+        self.name = name
+        self.chunks = chunks
+        self.calls = 0
+
+    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+        self.calls += 1
+        await trio.sleep(0)
+        return {r.digest: self.chunks[r.digest] for r in refs if r.digest in self.chunks}
+
+
+class BrokenRemote:
+    name = "broken"
+
+    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+        raise ConnectionRefusedError("cache server down")
+
+
+class HangingRemote:
+    name = "hanging"
+
+    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+        await trio.sleep_forever()
+        return {}
+
+
+class LyingRemote:
+    name = "lying"
+
+    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+        return {r.digest: b"\0" * r.ulen for r in refs}
+
+
+def test_failing_remote_tiers_cost_latency_not_correctness(store: CountingStore) -> None:
+    chunks = random_chunks(2, 32 * KIB, seed=15)
+    refs = write_pack(store, chunks)
+    good = DictRemote("az", {refs[0].digest: chunks[0]})
+    chain = ChunkChain(BlobTier(store), None, MemoryTier(1 << 20), remote_timeout=0.1,
+                       remote_tiers=[BrokenRemote(), HangingRemote(), LyingRemote(), good])
+
+    async def main() -> None:
+        assert await chain.get(refs[0], refs[1:]) == chunks[0]  # from the good remote
+        assert store.range_reads == 0
+        assert await chain.get(refs[1]) == chunks[1]  # nobody remote has it: the store
+        assert store.range_reads == 1
+
+    run(main)
+    s = chain.stats()
+    assert s.tier("broken").errors == 2 and s.tier("hanging").errors == 2
+    assert s.tier("lying").corrupt == 3 and s.tier("lying").hits == 0
+    assert s.tier("az").hits == 1 and good.calls == 2
+    json.dumps(s.as_dict())  # what `imagefs stats` prints
+
+
+class SlowSSD(SSDTier):
+    """A real SSD tier on a disk that takes its time writing."""
+
+    def put_many(self, items):  # type: ignore[no-untyped-def]
+        time.sleep(0.5)
+        return super().put_many(items)
+
+
+def test_write_behind_does_not_hold_up_the_reader(store: CountingStore, tmp_path: Path) -> None:
+    chunks = random_chunks(2, 32 * KIB, seed=16)
+    refs = write_pack(store, chunks)
+    ssd = SlowSSD(str(tmp_path / "ssd"), 1 << 20)
+    # A memory tier too small for either chunk: a re-read must come from the fill queue.
+    chain = ChunkChain(BlobTier(store), ssd, MemoryTier(1 * KIB))
+    took: list[float] = []
+
+    async def main() -> None:
+        t0 = trio.current_time()
+        assert await chain.get(refs[0], refs[1:]) == chunks[0]
+        assert await chain.get(refs[1]) == chunks[1]
+        took.append(trio.current_time() - t0)
+        assert chain.stats().fill_pending > 0
+        await chain.drain()
+        assert chain.stats().fill_pending == 0
+
+    run(main)
+    assert took[0] < 0.3
+    assert store.range_reads == 1
+    assert ssd.contains(refs[0].digest) and ssd.contains(refs[1].digest)
+
+
+def test_a_cancelled_get_does_not_cancel_the_shared_fetch(store: CountingStore) -> None:
+    store.delay = 0.2
+    chunk = random_chunks(1, 16 * KIB, seed=17)[0]
+    ref = write_pack(store, [chunk])[0]
+    chain = make_chain(store)
+    got: list[bytes] = []
+
+    async def main() -> None:
+        async def patient() -> None:
+            got.append(await chain.get(ref))
+        async with trio.open_nursery() as n:
+            with trio.move_on_after(0.05) as scope:
+                n.start_soon(patient)
+                await chain.get(ref)  # the first caller gives up
+            assert scope.cancelled_caught
+
+    run(main)
+    assert got == [chunk] and store.range_reads == 1
