@@ -23,7 +23,8 @@ Crash safety (a crash leaves the cache smaller, never corrupt):
   name within the recording transaction. Temporaries live in one directory (same file
   system as ``chunks/``, so the rename is atomic) so that opening the tier sweeps
   them with one ``listdir``: a temporary whose process is gone, or that is older than
-  an hour, is deleted.
+  an hour, is deleted. (Processes sharing the directory must share a PID namespace,
+  or a live fill may lose its temporary: that fill then fails, nothing is corrupted.)
 - A *record without a file* (a crash after an eviction's unlink, before its commit)
   is found when read: a miss, and the record is dropped. Eviction skips it too.
 - A *file without a record* (a crash after a fill's rename, before its commit) is

@@ -395,7 +395,7 @@ def test_write_behind_does_not_hold_up_the_reader(store: CountingStore, tmp_path
         assert chain.stats().fill_pending == 0
 
     run(main)
-    assert took[0] < 0.3
+    assert took[0] < 0.45  # well under the SSD's 0.5 s write
     assert store.range_reads == 1
     assert ssd.contains(refs[0].digest) and ssd.contains(refs[1].digest)
 
