@@ -1,0 +1,121 @@
+"""``imagefs cache-server``: run the AZ cache tier (see :mod:`cache.server` for why and how).
+
+Parses the command line (listen address, store, disk-cache directory and bound,
+shared secret), opens the store and the disk cache, and runs the server until
+SIGTERM/SIGINT. When it is ready it prints one line to stdout,
+``imagefs cache-server: listening on http://HOST:PORT``, so a supervisor (or a test)
+that asked for port 0 learns the port it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import re
+import sys
+
+from imagefs.cli import CLIError, add_store_options
+
+SECRET_ENV = "IMAGEFS_CACHE_SECRET"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+log = logging.getLogger("imagefs.cache_server")
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``1.5GiB``, ``4096`` -> bytes (binary multiples)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r}: expected a size such as 512M or 10G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def read_secret(path: str | None) -> bytes | None:
+    """The shared secret from ``--secret-file`` (trailing newline ignored), else from
+    ``$IMAGEFS_CACHE_SECRET``; None if neither is set."""
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise CLIError(f"--secret-file {path}: {e.strerror}") from None
+        secret = raw.strip()
+        if not secret:
+            raise CLIError(f"--secret-file {path}: the file is empty")
+        return secret
+    env = os.environ.get(SECRET_ENV)
+    if env is not None:
+        if not env.strip():
+            raise CLIError(f"${SECRET_ENV} is set but empty")
+        return env.strip().encode()
+    return None
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "cache-server",
+        help="serve chunks to the hosts of a zone from a bounded disk cache (the AZ tier)",
+        description="Serve verified chunks over HTTP/1.1 to imagefs mounts (--az-cache), from a "
+        "bounded, LRU-evicted disk cache that survives restarts, reading through to the store on "
+        "a miss. GET /health, GET /metrics (Prometheus). SIGTERM drains and exits.",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", required=True,
+                   help="address to listen on (port 0: any free port, printed at start)")
+    add_store_options(p)
+    p.add_argument("--dir", metavar="DIR", required=True, help="disk-cache directory")
+    p.add_argument("--max-size", metavar="SIZE", required=True, help="disk-cache bound, e.g. 512M or 10G")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help=f"require 'Authorization: Bearer <secret>' (default: ${SECRET_ENV} if set)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="how long requests in progress may finish at shutdown (default 10)")
+    p.set_defaults(func=cmd_cache_server)
+
+
+def cmd_cache_server(args: argparse.Namespace) -> int:
+    from cache.server_wire import format_address, parse_address
+
+    try:
+        host, port = parse_address(args.listen)
+    except ValueError as e:
+        raise CLIError(f"--listen {e}") from None
+    try:
+        max_bytes = parse_size(args.max_size)
+    except ValueError as e:
+        raise CLIError(f"--max-size {e}") from None
+    if max_bytes <= 0:
+        raise CLIError(f"--max-size {args.max_size!r}: must be more than 0")
+    if args.grace < 0:
+        raise CLIError("--grace must be >= 0")
+    secret = read_secret(args.secret_file)
+
+    import trio
+
+    from cache.server import CacheServer, ServerOptions, raise_fd_limit, run_server
+    from cache.ssd import SSDTier
+    from cache.stores import open_store
+
+    store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+    store.check()  # a wrong store is a startup error, not a stream of 503s
+    try:
+        ssd = SSDTier(args.dir, max_bytes, fsync=False)  # see cache.server: files are re-verified
+    except OSError as e:
+        raise CLIError(f"--dir {args.dir}: {e.strerror or e}") from None
+    raise_fd_limit()
+    server = CacheServer(store, ssd, ServerOptions(secret=secret, grace=args.grace))
+
+    def ready(h: str, p: int) -> None:
+        print(f"imagefs cache-server: listening on http://{format_address(h, p)}", flush=True)
+        log.info("store %s, cache %s (max %d bytes)%s", store.url, ssd.directory, max_bytes,
+                 ", secret required" if secret else "")
+
+    try:
+        trio.run(functools.partial(run_server, server, host, port, on_ready=ready))
+    except OSError as e:
+        raise CLIError(f"--listen {args.listen}: {e.strerror or e}") from None
+    finally:
+        ssd.close()
+    print("imagefs cache-server: stopped", file=sys.stderr, flush=True)
+    return 0
