@@ -16,9 +16,9 @@ import pytest
 from indexer.sources import SourceError, open_source
 from indexer.sources.registry import open_registry, parse_reference
 from tests.support.images import LAYER_MEDIA_TYPES, make_tar, sha256, write_oci_layout
-from tests.support.registry import (  # noqa: F401 (fixtures)
-    BASIC_PASSWORD, BASIC_USER, Registry, SilentServer, TinyServer, basic_registry, bearer_proxy, forward,
-    free_port, non_loopback_address, registry, reply, status_server,
+from tests.support.registry import (  # the registry fixtures are registered in conftest.py
+    BASIC_PASSWORD, BASIC_USER, Registry, SilentServer, TinyServer, bearer_proxy, forward,
+    free_port, non_loopback_address, reply, status_server,
 )
 
 _rng = random.Random(99)

@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from indexer.sources import LayerBlob, SourceError, open_source
-from indexer.sources.blobs import Layer, open_layer
+from indexer.sources.blobs import Layer
 from tests.support.images import (
     LAYER_MEDIA_TYPES, compress, make_tar, sha256, write_docker_archive, write_oci_layout,
 )

@@ -38,7 +38,7 @@ import hashlib
 import io
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -55,9 +55,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
 
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"  # what docker save layers are labelled
 
 # media type -> declared compression ("tar" = uncompressed, sniffed)
 LAYER_MEDIA_TYPES: dict[str, str] = {
@@ -100,8 +98,6 @@ def open_layer(layer: LayerBlob) -> BinaryIO:
     kind = layer_compression(layer.media_type, name)
     try:
         raw = layer.opener()
-    except SourceError:
-        raise
     except OSError as e:
         raise SourceError(f"{name}: cannot open blob: {e}") from e
     return LayerStream(layer, raw, kind)
@@ -109,10 +105,6 @@ def open_layer(layer: LayerBlob) -> BinaryIO:
 
 def _layer_name(layer: LayerBlob) -> str:
     return f"layer {layer.digest}" + (f" of {layer.source}" if layer.source else "")
-
-
-class _Source(Protocol):
-    def read_block(self) -> bytes: ...
 
 
 class _RawReader:
@@ -135,8 +127,6 @@ class _RawReader:
     def _read(self) -> bytes:
         try:
             data = self._raw.read(BLOCK_SIZE)
-        except SourceError:
-            raise
         except (OSError, ValueError, EOFError) as e:
             raise SourceError(f"{self._name}: read failed after {self.count} bytes: {e}") from e
         if data:
