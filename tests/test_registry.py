@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from indexer.sources import SourceError, open_source
-from indexer.sources.registry import open_registry, parse_reference
+from indexer.sources.registry import RegistryClient, open_registry, parse_reference
 from tests.support.images import LAYER_MEDIA_TYPES, make_tar, sha256, write_oci_layout
 from tests.support.registry import (  # the registry fixtures are registered in conftest.py
     BASIC_PASSWORD, BASIC_USER, Registry, SilentServer, TinyServer, bearer_proxy, forward,
@@ -52,6 +52,7 @@ def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict
     out["multi"] = write_oci_layout(str(root / "multi"), LAYERS, CONFIG, compression="gzip", tag="v1",
                                     extra_platforms=[("linux", "arm64", "v8"), ("linux", "ppc64le")])
     registry.push(str(root / "multi"), "v1", "test/multi", extra=("--all",))
+    registry.push(str(root / "multi"), "v1", "test/multi-docker", extra=("--all",), fmt="v2s2")  # a manifest list
     return out
 
 
@@ -96,9 +97,15 @@ def test_docker_schema2_manifest(registry: Registry, images: dict[str, str]) -> 
     assert read_all(src) == LAYERS
 
 
-def test_platform_selection_from_a_pushed_index(registry: Registry, images: dict[str, str]) -> None:
-    ref = f"docker://{registry.host}/test/multi:v1"
-    assert open_source(ref).manifest_digest == images["multi"]
+@pytest.mark.parametrize("repo", ["test/multi", "test/multi-docker"])
+def test_platform_selection_from_a_pushed_index(registry: Registry, images: dict[str, str], repo: str) -> None:
+    ref = f"docker://{registry.host}/{repo}:v1"
+    if repo == "test/multi":
+        assert open_source(ref).manifest_digest == images["multi"]
+    else:
+        client = RegistryClient(parse_reference(f"{registry.host}/{repo}:v1"), ref)
+        assert client.manifest("v1")[1] == "application/vnd.docker.distribution.manifest.list.v2+json"
+        assert [lb.media_type for lb in open_source(ref).layers] == [DOCKER_GZIP] * 2
     arm = open_source(ref, platform="linux/arm64/v8")
     assert arm.config["architecture"] == "arm64"
     assert read_all(arm) == LAYERS
