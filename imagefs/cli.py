@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     # Accept -v/-q after the subcommand too (``imagefs index --quiet``), as users type them.
     for subparser in sub.choices.values():
-        subparser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        taken = subparser._option_string_actions
+        if "-v" not in taken and "--verbose" not in taken:
+            subparser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if "-q" not in taken and "--quiet" not in taken:
+            subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from indexer.progress import Progress
 
 
 def human_bytes(n: float) -> str:
@@ -20,8 +23,8 @@ class TerminalProgress:
 
     WIDTH = 24
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
         self.label = ""
         self.total: int | None = None
         self.done = 0
@@ -64,10 +67,11 @@ class TerminalProgress:
             self.stream.flush()
 
 
-def progress_for(quiet: bool, stream: TextIO = sys.stderr):  # type: ignore[no-untyped-def]
-    """A terminal bar when ``stream`` is a TTY and not quiet; otherwise nothing."""
+def progress_for(quiet: bool, stream: TextIO | None = None) -> "Progress":
+    """A terminal bar when ``stream`` (default stderr) is a TTY and not quiet; otherwise nothing."""
     from indexer.progress import NullProgress
 
+    stream = stream or sys.stderr
     if quiet or not stream.isatty():
         return NullProgress()
     return TerminalProgress(stream)
