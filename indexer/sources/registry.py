@@ -332,7 +332,7 @@ class RegistryClient:
         body = self._drain(resp, conn)
         used = self._authorization
         self._authorization = self._answer(challenge)
-        if self._authorization is None or self._authorization == used and used.startswith("Basic "):
+        if self._authorization is None or used is not None and self._authorization == used and used.startswith("Basic "):
             raise self._auth_error(body)  # nothing to answer with, or it was already refused
         resp, conn = self._send_authorized(path, headers)
         if resp.status == 401:
@@ -372,6 +372,8 @@ class RegistryClient:
     def _answer(self, challenge: str) -> str | None:
         """The Authorization header that answers ``challenge``; None if we have none."""
         scheme, params = parse_challenge(challenge)
+        if not scheme:
+            return None  # a 401 without a challenge: nothing to answer
         creds = self._credentials()
         if scheme == "basic":
             if creds is None:
