@@ -82,14 +82,6 @@ class S3Stats:
     errors: int = 0
 
 
-class _Fatal(Exception):
-    """Internal: a failure that another attempt cannot fix (carries the final error)."""
-
-    def __init__(self, error: BlobStoreError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def _error_code(e: botocore.exceptions.ClientError) -> tuple[str, int]:
     err = e.response.get("Error", {}) or {}
     status = int((e.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0) or 0)
@@ -220,6 +212,9 @@ class S3Store:
                         self._count(errors=1)
                     raise err from None
                 last = f"HTTP {status}" if code == str(status) else f"HTTP {status} {code}"
+            except botocore.exceptions.SSLError as e:  # a certificate will not fix itself
+                self._count(errors=1)
+                raise BlobStoreError(f"{where}: TLS failure at {self.endpoint_url}: {e}") from None
             except RETRYABLE_EXCEPTIONS as e:
                 last = f"{type(e).__name__}: {e}"
             except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError) as e:

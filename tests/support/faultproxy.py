@@ -30,7 +30,6 @@ assert that faults were really injected and retried.
 from __future__ import annotations
 
 import queue
-import re
 import socket
 import threading
 import time
@@ -39,8 +38,7 @@ from typing import Callable
 
 MAX_HEAD = 64 * 1024
 RECV = 256 * 1024
-# How an HTTP/1.x request starts ("GET /...", "OPTIONS *", "GET http://..."):
-_HTTP_START = re.compile(rb"^[A-Z]{3,10} [/*h]")
+PEEK_TIMEOUT = 0.5
 _CODES = {500: "InternalError", 503: "SlowDown", 429: "SlowDown", 502: "BadGateway",
           504: "GatewayTimeout", 403: "AccessDenied", 404: "NoSuchKey"}
 _REASONS = {500: "Internal Server Error", 503: "Service Unavailable", 429: "Too Many Requests",
@@ -73,6 +71,8 @@ class _Reader:
     def fill(self) -> bool:
         try:
             data = self.sock.recv(RECV)
+        except TimeoutError:
+            raise
         except OSError:
             data = b""
         if not data:
@@ -132,6 +132,21 @@ class _Reader:
                 self.buf.clear()
             if not self.fill():
                 return
+
+
+def _looks_like_http(start: bytes) -> bool | None:
+    """Whether ``start`` begins an HTTP/1.x request ("GET /", "OPTIONS *", "GET http:");
+    None while too few bytes have arrived to tell."""
+    i = 0
+    while i < len(start) and 65 <= start[i] <= 90:  # A-Z
+        i += 1
+    if i == len(start):
+        return None if i <= 10 else False
+    if start[i] != 0x20 or i < 3:
+        return False
+    if i + 1 == len(start):
+        return None
+    return start[i + 1] in b"/*h"
 
 
 def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
@@ -363,12 +378,19 @@ class FaultProxy:
         reader = _Reader(client)
         conn: dict[str, socket.socket | None] = {"up": None}
         try:
-            # Peek at the first bytes to choose HTTP or raw relaying.
-            while b"\n" not in reader.buf and len(reader.buf) < 12 and reader.fill():
-                pass
-            if not reader.buf:
-                return
-            if not _HTTP_START.match(bytes(reader.buf[:16])):
+            # Peek at the first bytes to choose HTTP or raw relaying; a client that
+            # says nothing at first (the server speaks first) gets raw relaying.
+            client.settimeout(PEEK_TIMEOUT)
+            verdict: bool | None = None
+            try:
+                while verdict is None:
+                    if not reader.fill():
+                        return
+                    verdict = _looks_like_http(bytes(reader.buf[:12]))
+            except TimeoutError:
+                verdict = False
+            client.settimeout(None)
+            if not verdict:
                 self._raw(client, reader)
                 return
             while not self._stopping.is_set():
