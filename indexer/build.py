@@ -129,11 +129,12 @@ def build_image(
             for i, layer in enumerate(src.layers, 1):
                 label = f"layer {i}/{len(src.layers)} {layer.digest[7:19]}"
                 progress.phase(label)
-                stream = layer.open()
-                try:
+                # Leaving the block on an error releases the stream without reading on;
+                # close() after a clean merge reads what the tar left and verifies the
+                # blob's digest, size and diff_id.
+                with layer.open() as stream:
                     apply_layer(tree, stream, f"{src.reference} {label}", spill.add_file)
-                finally:
-                    stream.close()  # verifies digest and size of what was read
+                    stream.close()
             spill.finish()
 
             order = [d for _path, node in tree.walk() if node.is_reg for d in node.chunks]

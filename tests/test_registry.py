@@ -9,16 +9,17 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 from indexer.sources import SourceError, open_source
 from indexer.sources.registry import RegistryClient, open_registry, parse_reference
 from tests.support.images import LAYER_MEDIA_TYPES, make_tar, sha256, write_oci_layout
+from tests.support.netns import veth_pair
 from tests.support.registry import (  # the registry fixtures are registered in conftest.py
     BASIC_PASSWORD, BASIC_USER, Registry, SilentServer, TinyServer, bearer_proxy, forward,
-    free_port, non_loopback_address, reply, status_server,
+    free_port, reply, status_server,
 )
 
 _rng = random.Random(99)
@@ -267,11 +268,10 @@ def test_connection_refused_and_timeout() -> None:
 
 
 @pytest.fixture(scope="module")
-def outside_address() -> str:
-    addr = non_loopback_address()
-    if addr is None:
-        pytest.skip("this machine has no non-loopback address")
-    return addr
+def outside_address() -> Iterator[str]:
+    """A non-loopback address of our own: the host end of a veth pair to a test namespace."""
+    with veth_pair() as (host_addr, _ns_addr):
+        yield host_addr
 
 
 def test_plain_http_token_realm_off_loopback_needs_insecure(registry: Registry, images: dict[str, str],

@@ -410,15 +410,15 @@ def test_uncompressed_media_types_are_sniffed() -> None:
         blob_layer(b"\xfd7zXZ\x00" + bytes(100), docker_tar).open()
 
 
-def test_diff_id_is_checked_when_free_or_asked() -> None:
+def test_diff_id_is_always_checked_unless_turned_off() -> None:
     wrong = "sha256:" + "3" * 64
     with pytest.raises(SourceError, match=rf"diff_id mismatch: image config says {wrong}, uncompressed layer is {sha256(TAR1)}"):
         blob_layer(TAR1, LAYER_MEDIA_TYPES["none"], diff_id=wrong).open().read()
     raw = compress(TAR1, "zstd")
-    assert blob_layer(raw, LAYER_MEDIA_TYPES["zstd"], diff_id=wrong).open().read() == TAR1  # not checked by default
     with pytest.raises(SourceError, match=r"diff_id mismatch"):
-        blob_layer(raw, LAYER_MEDIA_TYPES["zstd"], diff_id=wrong, verify_diff_id=True).open().read()
-    assert blob_layer(raw, LAYER_MEDIA_TYPES["zstd"], diff_id=sha256(TAR1), verify_diff_id=True).open().read() == TAR1
+        blob_layer(raw, LAYER_MEDIA_TYPES["zstd"], diff_id=wrong).open().read()
+    assert blob_layer(raw, LAYER_MEDIA_TYPES["zstd"], diff_id=sha256(TAR1)).open().read() == TAR1
+    assert blob_layer(raw, LAYER_MEDIA_TYPES["zstd"], diff_id=wrong, verify_diff_id=False).open().read() == TAR1
 
 
 def test_read_sizes_are_exact_across_blocks() -> None:

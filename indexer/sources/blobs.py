@@ -17,12 +17,11 @@ What is checked:
   past the descriptor's size (stopped as soon as it does);
 * the compressed stream's integrity: a truncated or corrupt gzip/zstd stream is an
   error, never a silently short tar;
-* the config's ``diff_id`` (sha256 of the uncompressed tar) when it costs no extra
-  pass: for uncompressed layers the raw hash *is* the diff_id. For compressed layers
-  the raw digest already pins every byte (decompression is deterministic), so a second
-  sha256 over the uncompressed bytes (~1.2 GB/s here, as much CPU again as zstd
-  decompression) only catches a config that lies about its own layers; it is done
-  only when a :class:`Layer`'s ``verify_diff_id`` is set.
+* the config's ``diff_id`` (sha256 of the uncompressed tar), always. The raw digest
+  pins the compressed bytes, but a publisher's corrupt zstd frame without a content
+  checksum decompresses, deterministically, to the wrong tar: only the diff_id
+  catches that, so the extra sha256 pass (~1 s of CPU per GB) is paid on every layer.
+  ``Layer.verify_diff_id=False`` skips it where a caller has already checked.
 
 Media types decide the decompressor. Layers labelled uncompressed (OCI ``...tar``,
 Docker ``...diff.tar``) are sniffed by magic bytes, because ``docker save`` writes
@@ -76,12 +75,12 @@ LAYER_MEDIA_TYPES: dict[str, str] = {
 class Layer(LayerBlob):
     """A :class:`LayerBlob` that also knows its config ``diff_id``.
 
-    Transports build these; :func:`open_layer` checks ``diff_id`` when that is free
-    (uncompressed layers) or when ``verify_diff_id`` asks for the extra hash pass.
+    Transports build these; :func:`open_layer` checks ``diff_id`` unless
+    ``verify_diff_id`` is turned off.
     """
 
     diff_id: str = ""
-    verify_diff_id: bool = False
+    verify_diff_id: bool = True
 
 
 def layer_compression(media_type: str, what: str) -> str:
@@ -328,7 +327,10 @@ class LayerStream(io.BufferedIOBase):
             got = raw_digest if not self._digest_may_be_uncompressed else f"{raw_digest} (uncompressed {udigest})"
             raise SourceError(f"{self._name}: digest mismatch: descriptor says {want}, blob is {got}")
         if self._diff_id and udigest and udigest != self._diff_id:
-            raise SourceError(f"{self._name}: diff_id mismatch: image config says {self._diff_id}, uncompressed layer is {udigest}")
+            raise SourceError(
+                f"{self._name}: diff_id mismatch: image config says {self._diff_id}, uncompressed layer is {udigest}"
+                + (f" (a corrupt {self.compression} stream?)" if self.compression != "tar" else "")
+            )
         self._verified = True
 
     def read(self, size: int | None = -1) -> bytes:

@@ -289,15 +289,3 @@ class SilentServer:
     def __exit__(self, *exc: Any) -> None:
         self.sock.close()
 
-
-def non_loopback_address() -> str | None:
-    """An address of this machine that is not loopback (for the plain-HTTP refusal
-    tests), or None."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.123", 9))  # no packet is sent for UDP connect
-            addr = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if addr.startswith("127.") else addr
-
