@@ -423,6 +423,10 @@ class CacheServer:
                         pieces[r.digest] = f
                         self.metrics.hits += 1
                         continue
+                elif flight.data is not None:  # fetched, its cache file not written yet
+                    pieces[r.digest] = flight.data
+                    self.metrics.hits += 1
+                    continue
                 self.metrics.misses += 1
                 if flight is None:
                     flight = self._flights[r.digest] = _Flight()
