@@ -328,7 +328,8 @@ class CacheServer:
                                          keep_alive=self._keep(req))
                 return
             await conn.send_head(200, _piece_len(piece), keep_alive=self._keep(req),
-                                 headers=[("Content-Type", "application/octet-stream")])
+                                 headers=[("Content-Type", "application/octet-stream")],
+                                 more=isinstance(piece, _File))
             await self._send_piece(conn, piece)
         finally:
             _close_pieces(pieces)
@@ -352,7 +353,6 @@ class CacheServer:
             pieces = await self._resolve(refs)
             length = sum(FRAME_HEAD.size + _piece_len(pieces[r.digest]) for r in refs)
             self.metrics.failed += sum(1 for r in refs if isinstance(pieces[r.digest], int))
-            conn.cork(True)
             pending = bytearray(response_head(200, length, keep_alive=self._keep(req),
                                               headers=[("Content-Type", BATCH_CONTENT_TYPE)]))
             for r in refs:
@@ -363,12 +363,11 @@ class CacheServer:
                     pending += p
                     self.metrics.bytes_served += len(p)
                 elif not isinstance(p, int):
-                    await conn.send_all(pending)
+                    await conn.send_all(pending, more=True)
                     pending.clear()
                     await self._send_piece(conn, p)
             if pending:
                 await conn.send_all(pending)
-            conn.cork(False)
         finally:
             _close_pieces(pieces)
             self.metrics.in_flight -= 1

@@ -2,10 +2,14 @@
 
 Why not a framework: the server's hot path is "parse a small request, write a frame
 header, hand a file to the kernel" and the point is to keep Python out of the bytes.
-That needs the raw non-blocking socket (for ``os.sendfile`` and ``TCP_CORK``), which
+That needs the raw non-blocking socket (for ``os.sendfile`` and ``MSG_MORE``), which
 HTTP libraries hide. So this module does exactly what the server needs of HTTP/1.1
 and no more: request heads with ``Content-Length`` bodies (no chunked uploads),
 keep-alive, ``Expect: 100-continue``, and responses whose length is known up front.
+
+Frame headers go out with ``MSG_MORE`` so that the kernel merges them with the file
+bytes that follow. (``TCP_CORK`` around a whole response was tried and measured
+worse: responses stalled for up to 200 ms, the kernel's cork ceiling.)
 
 ``sendfile`` loops on ``EAGAIN`` with :func:`trio.lowlevel.wait_writable`, so a slow
 reader costs a parked task, never a thread.
@@ -116,11 +120,14 @@ class Connection:
 
     # ---- writing -----------------------------------------------------------------
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview, *, more: bool = False) -> None:
+        """Send every byte. ``more``: the caller sends more right after (a frame header
+        before its sendfile), so let the kernel put both in one segment (``MSG_MORE``)."""
         view = memoryview(data)
+        flags = socket.MSG_MORE if more else 0
         try:
             while view:
-                n = await self.sock.send(view[:SEND_SLICE])
+                n = await self.sock.send(view[:SEND_SLICE], flags)
                 view = view[n:]
         except (ConnectionError, OSError) as e:
             raise PeerClosed(f"send failed: {e}") from e
@@ -140,17 +147,9 @@ class Connection:
             offset += n
             count -= n
 
-    def cork(self, on: bool) -> None:
-        """Hold small writes (frame headers) until the response is complete (Linux
-        ``TCP_CORK``), so a batch goes out in full segments. Best effort."""
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
-        except (OSError, AttributeError):
-            pass
-
     async def send_head(self, status: int, length: int, *, keep_alive: bool,
-                        headers: Iterable[tuple[str, str]] = ()) -> None:
-        await self.send_all(response_head(status, length, keep_alive=keep_alive, headers=headers))
+                        headers: Iterable[tuple[str, str]] = (), more: bool = False) -> None:
+        await self.send_all(response_head(status, length, keep_alive=keep_alive, headers=headers), more=more)
 
     async def send_response(self, status: int, body: bytes, *, keep_alive: bool,
                             headers: Iterable[tuple[str, str]] = ()) -> None:

@@ -1,0 +1,244 @@
+"""The AZ cache client against real cache-server processes: spreading by rendezvous
+hashing, hedging past dead and stalled servers within the deadline, recovery through
+the health probe, wrong bytes and wrong secrets treated as misses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Awaitable, Callable, TypeVar
+
+import pytest
+import trio
+
+from cache.azclient import AZCacheTier, make_az_tier, parse_servers
+from cache.blobtier import BlobTier
+from cache.chunk import ChunkRef
+from cache.localstore import LocalStore
+from cache.rendezvous import Rendezvous
+from tests.support.cacheserver import (CacheServerProcess, FlipProxy, cache_servers,  # noqa: F401
+                                       start_cache_server)
+from tests.support.chunks import random_chunks, write_pack
+
+pytestmark = pytest.mark.timeout(90)
+T = TypeVar("T")
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    return trio.run(fn)
+
+
+def local_pack(root: Path, n: int, size: int) -> tuple[LocalStore, list[bytes], list[ChunkRef]]:
+    store = LocalStore(str(root / "store"))
+    chunks = random_chunks(n, size, seed=3, compressible=False)
+    return store, chunks, write_pack(store, chunks)
+
+
+# ---- pure parts -------------------------------------------------------------------------
+
+def test_rendezvous_is_stable_balanced_and_moves_only_the_lost_servers_chunks() -> None:
+    servers = [f"10.0.0.{i}:7000" for i in range(1, 6)]
+    digests = [os.urandom(32) for _ in range(5000)]
+    ring = Rendezvous(servers)
+    owners = [ring.owner(d) for d in digests]
+    assert owners == [Rendezvous(list(reversed(servers))).owner(d) for d in digests], "order-independent"
+    counts = {s: owners.count(s) for s in servers}
+    assert all(800 <= c <= 1200 for c in counts.values()), counts
+    smaller = Rendezvous(servers[1:])
+    for d, o in zip(digests, owners):
+        if o != servers[0]:
+            assert smaller.owner(d) == o  # untouched
+        else:
+            assert smaller.owner(d) == ring.rank(d)[1]  # moved to its second choice
+    assert sorted(ring.rank(digests[0])) == sorted(servers)
+
+
+def test_parse_servers() -> None:
+    assert parse_servers("a:1, b:2,a:1,") == ["a:1", "b:2"]
+    assert parse_servers("[::1]:8080") == ["[::1]:8080"]
+    for bad in ("", "a", "a:b", "a:0", "::1:80", "a:70000"):
+        with pytest.raises(ValueError, match="--az-cache"):
+            parse_servers(bad)
+    tier = make_az_tier("127.0.0.1:9,127.0.0.1:10", "s")
+    assert tier.name == "az" and tier.servers == ["127.0.0.1:9", "127.0.0.1:10"]
+
+
+# ---- against real servers ----------------------------------------------------------------
+
+def test_chunks_spread_over_two_servers_each_from_its_owner(tmp_path: Path,
+                                                             cache_servers: list[CacheServerProcess]) -> None:
+    store, chunks, refs = local_pack(tmp_path, 48, 8000)
+    a = start_cache_server(tmp_path / "a", store.root)
+    b = start_cache_server(tmp_path / "b", store.root)
+    cache_servers += [a, b]
+    tier = AZCacheTier([a.address, b.address])
+    owned = {a.address: 0, b.address: 0}
+    for r in refs:
+        owned[tier.owner(r.digest)] += 1
+    assert all(n >= 10 for n in owned.values()), owned
+
+    async def twice() -> list[dict[bytes, bytes]]:
+        return [await tier.fetch(refs), await tier.fetch(refs)]
+
+    for got in run(twice):
+        assert got == {r.digest: c for r, c in zip(refs, chunks)}
+    for srv in (a, b):
+        m = srv.metrics()
+        p = "imagefs_cache_server_"
+        assert m[p + "misses_total"] == owned[srv.address], "each chunk read through by its owner only"
+        assert m[p + "hits_total"] == owned[srv.address], "and served again from the owner's disk"
+        assert m[p + "requests_total"] == 2, "one batch per owner per fetch"
+    s = tier.stats()
+    assert (s.hits, s.misses, s.errors, s.corrupt) == (96, 0, 0, 0)
+
+
+def test_reads_survive_servers_killed_and_stalled_mid_read(tmp_path: Path,
+                                                           cache_servers: list[CacheServerProcess]) -> None:
+    store, chunks, refs = local_pack(tmp_path, 32, 16_000)
+    expected = {r.digest: c for r, c in zip(refs, chunks)}
+    blob = BlobTier(store)
+    a = start_cache_server(tmp_path / "a", store.root)
+    b = start_cache_server(tmp_path / "b", store.root)
+    cache_servers += [a, b]
+    deadline = 0.3
+    tier = AZCacheTier([a.address, b.address], deadline=deadline, probe_interval=0.2)
+    a_owned = [r for r in refs if tier.owner(r.digest) == a.address]
+    rng = random.Random(5)
+
+    async def read(batch: list[ChunkRef]) -> tuple[dict[bytes, bytes], float]:
+        """What a chain does: the AZ tier (timed), then the blob store for what it missed."""
+        t0 = time.monotonic()
+        got = await tier.fetch(batch)
+        took = time.monotonic() - t0
+        for r in batch:
+            if r.digest not in got:
+                got.update(await trio.to_thread.run_sync(blob.fetch, r))
+        return got, took
+
+    async def main() -> None:
+        # Warm, then kill A while a reader is running.
+        timings: list[tuple[float, int]] = []
+        stop = trio.Event()
+
+        async def reader() -> None:
+            while not stop.is_set():
+                batch = rng.sample(refs, 8)
+                got, took = await read(batch)
+                assert {r.digest: got[r.digest] for r in batch} == {r.digest: expected[r.digest] for r in batch}
+                timings.append((time.monotonic(), took))
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.3)
+            killed_at = time.monotonic()
+            a.kill()
+            await trio.sleep(0.5)
+            stop.set()
+        after = [took for at, took in timings if at > killed_at]
+        assert len(after) >= 5
+        assert max(after) < 2 * deadline + 0.2, "a dead server costs at most the deadline (and one hedge)"
+        state = {s.address: s for s in tier.server_states()}
+        assert not state[a.address].healthy and state[b.address].healthy
+        # A's chunks come from B now (hedged to the next server in rendezvous order).
+        got = await tier.fetch(a_owned)
+        assert got == {r.digest: expected[r.digest] for r in a_owned}
+
+        # A server that hangs (SIGSTOP): the request is given up at the deadline and hedged.
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            got = await tier.fetch(refs[:4])
+            took = time.monotonic() - t0
+            assert got == {}, "every server down or hung: all misses"
+            assert took < deadline + 0.15
+            assert not {s.address: s for s in tier.server_states()}[b.address].healthy
+            t0 = time.monotonic()
+            assert await tier.fetch(refs[:4]) == {}
+            assert time.monotonic() - t0 < 0.05, "unhealthy servers are skipped without a request"
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+
+        # The probe brings B back; a restarted A (same port) comes back too.
+        a2 = start_cache_server(tmp_path / "a2", store.root, port=a.port)
+        cache_servers.append(a2)
+        with trio.fail_after(5):
+            while not all(s.healthy for s in tier.server_states()):
+                await trio.sleep(0.05)
+        got = await tier.fetch(refs)
+        assert got == expected
+        assert tier.stats().errors >= 2
+
+    run(main)
+
+
+def test_wrong_bytes_from_a_server_are_a_counted_miss(tmp_path: Path, cache_servers: list[CacheServerProcess],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    store, chunks, refs = local_pack(tmp_path, 3, 5000)
+    srv = start_cache_server(tmp_path, store.root)
+    cache_servers.append(srv)
+    with FlipProxy(srv.port) as proxy:
+        tier = AZCacheTier([proxy.address])
+
+        async def main() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+            return await tier.fetch(refs), await tier.fetch(refs[:1])
+
+        with caplog.at_level(logging.WARNING, logger="cache.azclient"):
+            three, one = run(main)
+        assert proxy.flipped == 2
+    # The proxy damaged the last byte of each response: the last chunk of the batch.
+    assert three == {r.digest: c for r, c in zip(refs[:2], chunks[:2])}
+    assert one == {}
+    s = tier.stats()
+    assert s.corrupt == 2 and s.hits == 2
+    assert tier.server_states()[0].healthy, "a bad chunk is a miss, not a dead server"
+    assert "did not verify" in caplog.text
+
+
+def test_wrong_or_missing_secret_is_a_logged_miss(tmp_path: Path, cache_servers: list[CacheServerProcess],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    store, chunks, refs = local_pack(tmp_path, 2, 5000)
+    srv = start_cache_server(tmp_path, store.root, secret="right")
+    cache_servers.append(srv)
+    wrong = AZCacheTier([srv.address], secret="wrong", probe_interval=0.1)
+    anonymous = AZCacheTier([srv.address])
+    right = AZCacheTier([srv.address], secret="right")
+
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="cache.azclient"):
+            assert await wrong.fetch(refs) == {}
+            assert await anonymous.fetch(refs) == {}
+        await trio.sleep(0.3)  # probes ran, with the wrong secret: still refused
+        st = wrong.server_states()[0]
+        assert not st.healthy and st.unauthorized == 1 and "401" in st.reason
+        assert await wrong.fetch(refs) == {}
+        assert await right.fetch(refs) == {r.digest: c for r, c in zip(refs, chunks)}
+
+    run(main)
+    assert "401" in caplog.text and "secret" in caplog.text
+    assert any(r.levelno == logging.ERROR for r in caplog.records), "a wrong secret is logged as an error"
+    assert srv.metric("unauthorized_total") >= 3
+
+
+def test_pooled_connection_survives_a_server_restart(tmp_path: Path,
+                                                     cache_servers: list[CacheServerProcess]) -> None:
+    store, chunks, refs = local_pack(tmp_path, 4, 5000)
+    srv = start_cache_server(tmp_path, store.root)
+    cache_servers.append(srv)
+    tier = AZCacheTier([srv.address])
+
+    async def main() -> None:
+        assert len(await tier.fetch(refs)) == 4  # leaves a keep-alive connection in the pool
+        await trio.to_thread.run_sync(srv.terminate)  # closes it at the server's end
+        again = await trio.to_thread.run_sync(lambda: start_cache_server(tmp_path, store.root, port=srv.port))
+        cache_servers.append(again)
+        assert await tier.fetch(refs) == {r.digest: c for r, c in zip(refs, chunks)}
+        assert tier.server_states()[0].healthy, "a stale pooled connection is retried, not a failure"
+        assert again.metric("hits_total") == 4  # the restarted server kept its disk cache
+
+    run(main)
