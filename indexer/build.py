@@ -21,6 +21,7 @@ from typing import Any
 
 from cache.blobstore import BlobStore
 from indexer import catalog
+from indexer.background import BackgroundReader
 from indexer.chunker import DEFAULT_CHUNK_SIZE, ChunkSpill
 from indexer.format import encode, seal
 from indexer.layers import apply_layer
@@ -129,12 +130,17 @@ def build_image(
             for i, layer in enumerate(src.layers, 1):
                 label = f"layer {i}/{len(src.layers)} {layer.digest[7:19]}"
                 progress.phase(label)
-                # Leaving the block on an error releases the stream without reading on;
-                # close() after a clean merge reads what the tar left and verifies the
-                # blob's digest, size and diff_id.
+                # The stream is read on a worker thread (decompression and hashing
+                # overlap the tar parsing); finish() reads what the tar left, and the
+                # stream verifies the blob's digest, size and diff_id at its end. On an
+                # error the stream is released without reading on.
                 with layer.open() as stream:
-                    apply_layer(tree, stream, f"{src.reference} {label}", spill.add_file)
-                    stream.close()
+                    reader = BackgroundReader(stream)
+                    try:
+                        apply_layer(tree, reader, f"{src.reference} {label}", spill.add_file)
+                        reader.finish()
+                    finally:
+                        reader.abort()
             spill.finish()
 
             order = [d for _path, node in tree.walk() if node.is_reg for d in node.chunks]

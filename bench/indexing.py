@@ -1,0 +1,175 @@
+"""Indexing: throughput, index size and open time, cross-image dedup, chunk size.
+
+``python -m bench indexing [--workdir DIR] [--repeat N] [--skip-sweep]`` indexes the
+bench images (zstd layouts) into fresh local stores and reports, each beside a
+baseline measured in the same run on the same layers (decompress and unpack them to
+local disk with ``tar --zstd -x``, what a plain pull-and-unpack costs here):
+
+* throughput in MB/s of uncompressed layer content (target >= 150 MB/s, 2 cores);
+* index bytes per entry and index open time (target <= 20 ms for torch);
+* what indexing torch after numpy stores, against the torch layer's own content;
+* a chunk-size sweep on the numpy image (how the choice of chunk size was made).
+
+Prints a markdown section; ``--write`` appends it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+from bench.images import BenchImage, ensure_images
+from cache.localstore import LocalStore
+from indexer.build import BuildResult, build_image
+from indexer.catalog import index_key, resolve
+from indexer.index import Index
+
+MB = 1_000_000
+
+
+def layer_blobs(layout_ref: str) -> list[str]:
+    """Paths of a layout's layer blobs, bottom first."""
+    path = layout_ref[len("oci:"):].rsplit(":", 1)[0]
+    with open(os.path.join(path, "index.json")) as f:
+        manifest_digest = json.load(f)["manifests"][0]["digest"]
+    with open(os.path.join(path, "blobs", "sha256", manifest_digest.split(":")[1])) as f:
+        manifest = json.load(f)
+    return [os.path.join(path, "blobs", "sha256", l["digest"].split(":")[1]) for l in manifest["layers"]]
+
+
+def unpack_baseline(image: BenchImage, scratch: str) -> float:
+    """Seconds to decompress and unpack every layer to local disk with tar."""
+    target = tempfile.mkdtemp(dir=scratch)
+    start = time.monotonic()
+    for blob in layer_blobs(image.layout_zstd):
+        subprocess.run(["tar", "--zstd", "-xf", blob, "-C", target, "--numeric-owner"], check=True,
+                       stderr=subprocess.DEVNULL)
+    subprocess.run(["sync", "-f", target], check=True)
+    elapsed = time.monotonic() - start
+    shutil.rmtree(target)
+    return elapsed
+
+
+def index_once(image: BenchImage, store_dir: str, name: str, chunk_size: int = 1 << 20) -> BuildResult:
+    return build_image(image.layout_zstd, LocalStore(store_dir), name, chunk_size=chunk_size)
+
+
+def open_time_ms(store_dir: str, name: str, n: int = 50) -> tuple[float, int, int]:
+    store = LocalStore(store_dir)
+    digest = resolve(store, name)
+    blob = store.get(index_key(digest))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        ix = Index.from_blob(blob, digest)
+        ix.inode(1)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000, len(blob), ix.n_inodes
+
+
+def pack_bytes(store_dir: str) -> int:
+    packs = os.path.join(store_dir, "packs")
+    return sum(os.path.getsize(os.path.join(packs, f)) for f in os.listdir(packs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench indexing", description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", help="bench image work dir (default: bench.images default)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (median reported)")
+    ap.add_argument("--skip-sweep", action="store_true", help="skip the chunk-size sweep")
+    ap.add_argument("--write", action="store_true", help="append the section to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+
+    images = ensure_images(args.workdir)
+    scratch = tempfile.mkdtemp(prefix="imagefs-bench-index-", dir="/var/tmp")
+    os.environ["XDG_CACHE_HOME"] = os.path.join(scratch, "xdg")  # no packtoc cache carried between runs
+    lines: list[str] = []
+    try:
+        rows = []
+        for name in ("numpy", "torch"):
+            img = images[name]
+            content = sum(img.layer_sizes)
+            idx_s, base_s = [], []
+            result = None
+            for r in range(args.repeat):
+                store_dir = os.path.join(scratch, f"{name}-{r}")
+                t = time.monotonic()
+                result = index_once(img, store_dir, name)
+                idx_s.append(time.monotonic() - t)
+                base_s.append(unpack_baseline(img, scratch))
+                if r < args.repeat - 1:
+                    shutil.rmtree(store_dir)
+            assert result is not None
+            open_ms, index_bytes, inodes = open_time_ms(os.path.join(scratch, f"{name}-{args.repeat - 1}"), name)
+            rows.append((name, content, statistics.median(idx_s), statistics.median(base_s), result, open_ms, index_bytes, inodes))
+            print(f"{name}: indexed {content / MB:.0f} MB in {statistics.median(idx_s):.2f} s; unpack {statistics.median(base_s):.2f} s", file=sys.stderr)
+
+        # Torch after numpy, in one store: what the second image adds.
+        dedup_dir = os.path.join(scratch, "dedup")
+        index_once(images["numpy"], dedup_dir, "numpy")
+        before = pack_bytes(dedup_dir)
+        torch_after = index_once(images["torch"], dedup_dir, "torch")
+        added = pack_bytes(dedup_dir) - before
+        torch_layer = images["torch"].layer_sizes[-1]
+        torch_layer_zstd = os.path.getsize(layer_blobs(images["torch"].layout_zstd)[-1])
+
+        sweep = []
+        if not args.skip_sweep:
+            for cs in (256 << 10, 512 << 10, 1 << 20, 4 << 20):
+                d = os.path.join(scratch, f"sweep-{cs}")
+                t = time.monotonic()
+                r = index_once(images["numpy"], d, "numpy", chunk_size=cs)
+                sweep.append((cs, time.monotonic() - t, r))
+                shutil.rmtree(d)
+
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        lines += [
+            "## Indexing", "",
+            f"`python -m bench indexing --repeat {args.repeat}` on {when}; {platform.node()}, "
+            f"{os.cpu_count()} cores, Python {platform.python_version()}, local-directory store on the same disk. "
+            "Baseline, same run, same layers: `tar --zstd -xf` of every layer to local disk (decompress + unpack). "
+            "Content is uncompressed layer bytes; times are medians.", "",
+            "| image | entries | layer content | index time | index MB/s | unpack baseline | imagefs / baseline time | index size | bytes/entry | open |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, content, t_idx, t_base, result, open_ms, index_bytes, inodes in rows:
+            lines.append(
+                f"| {name} | {result.entries} | {content / MB:.0f} MB | {t_idx:.2f} s | {content / MB / t_idx:.0f} | "
+                f"{t_base:.2f} s ({content / MB / t_base:.0f} MB/s) | {t_idx / t_base:.2f}x | {index_bytes / 1024:.0f} KiB | "
+                f"{index_bytes / result.entries:.0f} | {open_ms:.1f} ms |"
+            )
+        lines += [
+            "",
+            f"Torch indexed after numpy into the same store added {added / MB:.1f} MB of packs "
+            f"({torch_after.new_chunks} new chunks, {torch_after.reused_chunks} reused); the torch layer alone is "
+            f"{torch_layer / MB:.0f} MB uncompressed, {torch_layer_zstd / MB:.1f} MB as its zstd layer blob "
+            f"({added / torch_layer_zstd:.2f}x the blob: chunks are compressed one by one).",
+        ]
+        if sweep:
+            lines += [
+                "", "Chunk size sweep (numpy image, one run each):", "",
+                "| chunk size | chunks | stored | index size | index time |", "|---|---|---|---|---|",
+            ]
+            for cs, t, r in sweep:
+                lines.append(f"| {cs >> 10} KiB | {r.chunks} | {r.stored_bytes / MB:.1f} MB | {r.index_bytes / 1024:.0f} KiB | {t:.2f} s |")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if args.write:
+            with open(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "a") as f:
+                f.write("\n" + text)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
