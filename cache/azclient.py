@@ -42,7 +42,7 @@ from cache.stats import Counters, TierStats
 
 log = logging.getLogger(__name__)
 
-MAX_IDLE = 4  # idle keep-alive connections kept per server
+MAX_IDLE = 16  # idle keep-alive connections kept per server (as many as may be busy)
 MAX_CONNS = 16  # connections per server at once
 MAX_REQUEST_BYTES = 32 << 20  # chunk bytes asked of one server in one request
 MAX_HEAD = 16 * 1024

@@ -242,3 +242,33 @@ def test_pooled_connection_survives_a_server_restart(tmp_path: Path,
         assert again.metric("hits_total") == 4  # the restarted server kept its disk cache
 
     run(main)
+
+
+def test_the_chain_reads_through_the_az_tier_and_falls_back_when_it_dies(
+        tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
+    from cache.chain import ChunkChain
+    from cache.memory import MemoryTier
+    from tests.support.chunks import CountingStore
+
+    counting = CountingStore(str(tmp_path / "store"))
+    chunks = random_chunks(12, 20_000, seed=9, compressible=False)
+    refs = write_pack(counting, chunks)
+    srv = start_cache_server(tmp_path, counting.root)
+    cache_servers.append(srv)
+    tier = AZCacheTier([srv.address], deadline=0.3)
+    chain = ChunkChain(BlobTier(counting), None, MemoryTier(0), remote_tiers=[tier])
+
+    async def main() -> None:
+        for r, c in zip(refs, chunks):  # the server reads through its own store handle
+            assert await chain.get(r) == c
+        assert counting.range_reads == 0, "this host never touched the blob store"
+        srv.kill()
+        t0 = time.monotonic()
+        for r, c in zip(refs, chunks):
+            assert await chain.get(r) == c
+        assert time.monotonic() - t0 < 2.0
+        assert counting.range_reads == len(refs), "with the server gone, every chunk came from the store"
+        az = chain.stats().tier("az")
+        assert az.hits == len(refs) and az.misses >= len(refs)
+
+    run(main)
