@@ -280,10 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(phase_client(f"127.0.0.1:{port}", refs, args.clients, args.seconds))
         base = results[0]["gb_per_s"]
         print(f"{'phase':<8} {'requests':>9} {'GB/s':>7} {'median ms':>10} {'p99 ms':>8} {'vs disk':>8}")
-        for r in results:
-            r["vs_disk"] = r["gb_per_s"] / base if base else float("nan")
-            print(f"{r['phase']:<8} {r['requests']:>9} {r['gb_per_s']:>7.2f} {r['median_ms']:>10.2f} "
-                  f"{r['p99_ms']:>8.2f} {r['vs_disk']:>7.0%}")
+        for row in results:
+            row["vs_disk"] = row["gb_per_s"] / base if base else float("nan")
+            print(f"{row['phase']:<8} {row['requests']:>9} {row['gb_per_s']:>7.2f} {row['median_ms']:>10.2f} "
+                  f"{row['p99_ms']:>8.2f} {row['vs_disk']:>7.0%}")
         srv = results[1]
         ok = srv["gb_per_s"] >= 1.0 and srv["p99_ms"] <= 10.0
         print(f"target (server phase: >= 1 GB/s, p99 <= 10 ms): {'met' if ok else 'NOT met'}")

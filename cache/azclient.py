@@ -370,8 +370,8 @@ class AZCacheTier:
                             await conn.read_exact(length)
                             done = headers.get("connection", "").lower() != "close"
                         if status == 401:
-                            raise Unauthorized(f"refused our secret (401 Unauthorized): give the mount "
-                                               f"the server's secret (--secret-file / $IMAGEFS_CACHE_SECRET)")
+                            raise Unauthorized("refused our secret (401 Unauthorized): give the mount "
+                                               "the server's secret (--secret-file / $IMAGEFS_CACHE_SECRET)")
                         raise ServerFailed(f"HTTP {status}")
                     frames = await _read_frames(conn, length, len(refs))
                     done = headers.get("connection", "").lower() != "close"
@@ -481,7 +481,7 @@ def _verify_all(by_digest: dict[bytes, ChunkRef],
         try:
             if len(data) != by_digest[d].ulen:
                 raise CorruptChunk(f"{len(data)} bytes, expected {by_digest[d].ulen}")
-            verify(d, data)
+            verify(d, memoryview(data))
         except CorruptChunk:
             bad.append(d)
             continue

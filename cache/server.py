@@ -67,10 +67,10 @@ from cache.chunk import ChunkRef, CorruptChunk
 from cache.server_http import Connection, HTTPError, PeerClosed, Request, response_head
 from cache.server_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cache.server_metrics import ServerMetrics
-from cache.server_wire import (BATCH_CONTENT_TYPE, BatchTooLarge, BATCH_PATH, CHUNK_PATH, FRAME_HEAD, HEALTH_PATH,
-                               HTTP_STATUS, MAX_BATCH_REFS, METRICS_PATH, REF_HEAD, MAX_PACK_KEY,
+from cache.server_wire import (BATCH_CONTENT_TYPE, BATCH_PATH, CHUNK_PATH, FRAME_HEAD, HEALTH_PATH,
+                               HTTP_STATUS, MAX_BATCH_REFS, MAX_PACK_KEY, METRICS_PATH, REF_HEAD,
                                ST_CORRUPT, ST_NOT_FOUND, ST_OK, ST_UNAVAILABLE, STATUS_NAMES,
-                               WireError, decode_refs, parse_chunk_query)
+                               BatchTooLarge, WireError, decode_refs, parse_chunk_query)
 from cache.ssd import SSDTier
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class ServerOptions:
     secret: bytes | None = None
     grace: float = 10.0  # seconds in-flight requests get at shutdown
     idle_timeout: float = 120.0  # keep-alive connections idle this long are closed
+    request_timeout: float = 30.0  # a request must arrive whole within this (no slow drip)
     blob_concurrency: int = 16  # ranged blob reads at once
     disk_concurrency: int = 8  # disk-cache reads/fills at once
     max_range: int = DEFAULT_MAX_RANGE  # bytes in one ranged blob read
@@ -243,7 +244,12 @@ class CacheServer:
 
     async def _one_request(self, conn: Connection) -> bool:
         try:
-            req = await conn.read_request(MAX_BODY)
+            with trio.fail_after(self.opts.request_timeout):
+                req = await conn.read_request(MAX_BODY)
+        except trio.TooSlowError:
+            self.metrics.bad_requests += 1
+            await conn.send_response(408, b"request not received in time\n", keep_alive=False)
+            return False
         except HTTPError as e:
             self.metrics.bad_requests += 1
             await conn.send_response(e.status, f"{e}\n".encode(), keep_alive=False)

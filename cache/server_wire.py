@@ -131,7 +131,7 @@ def decode_refs(body: bytes | bytearray | memoryview) -> list[ChunkRef]:
             raise WireError("pack key is not UTF-8") from None
         pos += plen
         refs.append(check_ref(ChunkRef(digest, pack, offset, clen, ulen)))
-        total += ulen
+        total += max(ulen, clen)  # bounds the blob reads as well as the response
         if len(refs) > MAX_BATCH_REFS:
             raise BatchTooLarge(f"more than {MAX_BATCH_REFS} refs in one batch")
         if total > MAX_BATCH_BYTES:

@@ -122,7 +122,7 @@ def test_reads_survive_servers_killed_and_stalled_mid_read(tmp_path: Path,
 
     async def main() -> None:
         # Warm, then kill A while a reader is running.
-        timings: list[tuple[float, int]] = []
+        timings: list[tuple[float, float]] = []
         stop = trio.Event()
 
         async def reader() -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -242,6 +244,7 @@ def test_restart_keeps_its_hits_and_never_serves_a_rotten_file(
         assert d == r.digest
         assert (st, data) == ((ST_NOT_FOUND, b"") if i == 3 else (ST_OK, c))
     m = second.metrics()
+    assert m["imagefs_cache_server_blob_fetches_total"] == 1  # only for the rotten one (and it failed)
     assert m["imagefs_cache_server_hits_total"] == 7
     assert m["imagefs_cache_server_misses_total"] == 1
     assert m["imagefs_cache_server_corrupt_total"] == 1
@@ -329,3 +332,23 @@ def test_holds_hundreds_of_connections(tmp_path: Path, cache_servers: list[Cache
     finally:
         for s in socks:
             s.close()
+
+
+def test_command_line_errors_and_secret_from_the_environment(tmp_path: Path,
+                                                             cache_servers: list[CacheServerProcess]) -> None:
+    store, chunks, refs = local_pack(tmp_path, 1, 1000)
+    # (Through main(), as the installed ``imagefs`` script runs it: under ``python -m
+    # imagefs.cli`` the CLI module is imported twice and its CLIError is not caught.)
+    entry = "import sys; from imagefs.cli import main; sys.exit(main())"
+    base = [sys.executable, "-c", entry, "cache-server", "--store", store.root, "--dir", str(tmp_path / "c")]
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEFS_CACHE_SECRET"}
+    for extra, message in ((["--listen", "nowhere", "--max-size", "1G"], "--listen 'nowhere': expected HOST:PORT"),
+                           (["--listen", "127.0.0.1:0", "--max-size", "10X"], "--max-size '10X'"),
+                           (["--listen", "127.0.0.1:0", "--max-size", "1G", "--secret-file", str(tmp_path / "no")],
+                            "--secret-file")):
+        res = subprocess.run(base + extra, capture_output=True, text=True, timeout=30, env=env)
+        assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    srv = start_cache_server(tmp_path, store.root, env={"IMAGEFS_CACHE_SECRET": "from-env"})
+    cache_servers.append(srv)
+    assert srv.request("GET", chunk_query(refs[0]))[0] == 401
+    assert srv.request("GET", chunk_query(refs[0]), headers={"Authorization": "Bearer from-env"})[:2] == (200, chunks[0])
