@@ -8,10 +8,11 @@ exactly one place.
 
 Inode numbers are the index's own (the root is 1), stable for the life of the image,
 so there is no lookup-count bookkeeping: nothing is ever freed. File bytes come from a
-:class:`~cache.tier.ChunkReader`; the chunks one read needs are fetched concurrently,
-and the last of them carries the file's next chunks as ``neighbours`` so that a cold
-fetch from the blob store brings what a sequential reader will ask for next in the
-same ranged read.
+:class:`~cache.tier.ChunkReader`. The chunks one read needs are grouped into runs
+that lie back to back in a pack; runs are fetched concurrently, and the head of each
+run names the rest of it as ``neighbours`` (the last run adds the file's next chunks,
+up to a window), so a cold read costs one ranged blob-store read per run and brings
+what a sequential reader will ask for next.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ BLOCK_SIZE = 128 * 1024
 # How far past a read the next chunks of the file are offered as neighbours.
 DEFAULT_NEIGHBOUR_WINDOW = 8 * 1024 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def _runs(spans: Sequence[tuple[int, ChunkRef]]) -> Iterator[tuple[int, int]]:
+    """``[first, last)`` index ranges of ``spans`` whose chunks lie back to back in one pack."""
+    first = 0
+    for i in range(1, len(spans)):
+        prev, ref = spans[i - 1][1], spans[i][1]
+        if ref.pack != prev.pack or ref.offset != prev.offset + prev.clen:
+            yield first, i
+            first = i
+    yield first, len(spans)
 
 
 class VFSError(Exception):
@@ -226,16 +238,20 @@ class VFS:
             return data if lo == 0 and hi >= len(data) else data[lo:hi]
         results: list[bytes | BaseException | None] = [None] * len(spans)
 
-        async def fetch(i: int, ref: ChunkRef, nbrs: Sequence[ChunkRef]) -> None:
-            try:
-                results[i] = await self.reader.get(ref, nbrs)
-            except Exception as e:  # reported below, once per chunk, as EIO
-                results[i] = e
+        async def fetch_run(first: int, last: int, tail_neighbours: Sequence[ChunkRef]) -> None:
+            # The head of a run names the rest of it as neighbours, so one ranged read
+            # brings the whole run; the rest are then memory hits (or joined fetches).
+            for i in range(first, last):
+                ref = spans[i][1]
+                nbrs = [r for _o, r in spans[i + 1: last]] + list(tail_neighbours) if i == first else ()
+                try:
+                    results[i] = await self.reader.get(ref, nbrs)
+                except Exception as e:  # reported below, once per chunk, as EIO
+                    results[i] = e
 
         async with trio.open_nursery() as nursery:
-            last = len(spans) - 1
-            for i, (_foff, ref) in enumerate(spans):
-                nursery.start_soon(fetch, i, ref, neighbours if i == last else ())
+            for first, last in _runs(spans):
+                nursery.start_soon(fetch_run, first, last, neighbours if last == len(spans) else ())
         parts: list[bytes | memoryview] = []
         failed: VFSError | None = None
         for (foff, ref), got in zip(spans, results):

@@ -206,11 +206,10 @@ def test_one_read_fetches_its_chunks_concurrently_and_offers_neighbours(vfs: VFS
     assert reader.calls == [(refs[0], tuple(refs[1:4]))]  # window of three chunks
 
     reader.calls.clear()
-    run(vfs.read, big, CS - 1, 2 * CS + 2)  # touches chunks 0..3
-    assert sorted(c[0].offset for c in reader.calls) == sorted(r.offset for r in refs[:4])
-    by_ref = dict(reader.calls)
-    assert by_ref[refs[3]] == tuple(refs[4:6])  # the last chunk carries the window
-    assert by_ref[refs[0]] == by_ref[refs[1]] == ()
+    run(vfs.read, big, CS - 1, 2 * CS + 2)  # touches chunks 0..3, back to back in one pack
+    # The head names the rest of the read and the window after it: one ranged read.
+    assert reader.calls[0] == (refs[0], tuple(refs[1:6]))
+    assert reader.calls[1:] == [(refs[1], ()), (refs[2], ()), (refs[3], ())]
 
     reader.calls.clear()
     run(vfs.read, big, 5 * CS, CS)  # last chunk: nothing follows
@@ -232,7 +231,13 @@ def test_neighbours_stop_where_the_pack_layout_does(store: LocalStore) -> None:
     assert len(nbrs) < 5
     for prev, n in zip((ref,) + nbrs, nbrs):
         assert n.offset == prev.offset + prev.clen
+    reader.calls.clear()
     assert run(vfs.read, f, 0, len(data) + 5) == data
+    # One run per pack, fetched concurrently: each head names only its own pack's chunks.
+    heads = [(r, n) for r, n in reader.calls if n]
+    assert len({r.pack for r, _n in heads}) == len(heads) >= 2
+    assert all(x.pack == r.pack for r, n in heads for x in n)
+    assert sorted(r.digest for r, _n in reader.calls) == sorted(r.digest for _o, r in index.chunks_for_range(f, 0, len(data)))
 
 
 def test_missing_chunk_is_eio_with_a_log_line_naming_image_file_and_chunk(

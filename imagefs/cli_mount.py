@@ -1,0 +1,153 @@
+"""``imagefs mount``, ``imagefs umount`` and ``imagefs stats``.
+
+The options that say where chunks come from and how much may be cached are shared
+with ``imagefs run`` through :func:`add_mount_options` and
+:func:`mount_options_from_args`, so both commands accept and mean the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+from imagefs.cli import CLIError, add_store_options
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``10G``, ``512M``, ``1.5GiB`` or ``4096`` (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"invalid size {text!r} (use a number with an optional K, M, G or T suffix, e.g. 10G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_mount_options(p: argparse.ArgumentParser) -> None:
+    """Store and cache options for any command that mounts an image."""
+    from imagefs.mount import default_cache_dir
+
+    add_store_options(p)
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help=f"local SSD chunk cache, shared by mounts (default: {default_cache_dir()})")
+    g.add_argument("--cache-size", metavar="SIZE", type=_size_arg, default=None,
+                   help="bound of the SSD cache, e.g. 10G or 512M; 0 disables it (default: 10G)")
+    g.add_argument("--memory-size", metavar="SIZE", type=_size_arg, default=None,
+                   help="bound of the in-memory chunk cache of one mount (default: 512M)")
+    g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
+                   help="a cache server in this zone (repeatable)")
+
+
+def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":  # noqa: F821
+    from imagefs.mount import MountOptions
+
+    opts = MountOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,
+                        az_cache=list(args.az_cache or []))
+    if args.cache_size is not None:
+        opts.cache_size = args.cache_size
+    if args.memory_size is not None:
+        opts.memory_size = args.memory_size
+    return opts
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "mount",
+        help="mount an indexed image read-only, fetching file data lazily",
+        description="Mount IMAGE (a name or blake3:<hex> digest in the store) at MOUNTPOINT. Only the "
+        "index is fetched before the mount answers; file data is fetched chunk by chunk on first "
+        "read. Returns once the mount answers, leaving a daemon serving it (see 'imagefs umount').",
+    )
+    p.add_argument("image", metavar="IMAGE", help="image name or blake3:<hex> digest")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="serve in this process until unmounted or interrupted")
+    add_mount_options(p)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", aliases=["unmount"], help="unmount an imagefs mount",
+                       description="Unmount MOUNTPOINT (lazily if it is busy) and wait for its daemon to exit.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("stats", help="per-tier cache counters of a running mount",
+                       description="Ask the daemon serving MOUNTPOINT for its request and cache counters.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print the raw counters as JSON")
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from imagefs.mount import MountError, serve, start_mount
+
+    opts = mount_options_from_args(args)
+    try:
+        if args.foreground:
+            serve(args.image, args.mountpoint, opts)
+            return 0
+        level = logging.getLogger().getEffectiveLevel()
+        pid = start_mount(args.image, args.mountpoint, opts, log_level=min(level, logging.INFO))
+    except MountError as e:
+        raise CLIError(str(e)) from e
+    if not args.quiet:
+        print(f"imagefs: mounted {args.image} at {args.mountpoint} (daemon pid {pid})", file=sys.stderr)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from imagefs.mount import MountError, unmount
+
+    try:
+        unmount(args.mountpoint)
+    except MountError as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from imagefs.mount import MountError, query_stats
+
+    try:
+        stats = query_stats(args.mountpoint)
+    except MountError as e:
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print(format_stats(stats))
+    return 0
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """A short human summary of a daemon's stats."""
+    lines = [f"{stats['mountpoint']}: {stats['image']} ({stats['digest']}), pid {stats['pid']}, "
+             f"up {stats['uptime_s']:.0f}s"]
+    req = stats.get("requests", {})
+    ops = req.get("ops", {})
+    lines.append("requests: " + (", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
+    errors = req.get("errors", {})
+    if errors:
+        lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
+    cache = stats.get("cache")
+    if cache:
+        lines.append(f"{'tier':<8} {'requests':>9} {'hits':>9} {'misses':>9} {'MiB':>10} {'errors':>7} {'held MiB':>9}")
+        for name, t in cache.get("tiers", {}).items():
+            lines.append(f"{name:<8} {t['requests']:>9} {t['hits']:>9} {t['misses']:>9} "
+                         f"{t['bytes'] / (1 << 20):>10.1f} {t['errors']:>7} {t['stored_bytes'] / (1 << 20):>9.1f}")
+        rest = {k: v for k, v in cache.items() if k != "tiers" and v}
+        if rest:
+            lines.append("chain: " + ", ".join(f"{k} {v}" for k, v in rest.items()))
+    return "\n".join(lines)
