@@ -109,4 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module, not this __main__ copy, so that the exception
+    # classes command modules raise (imagefs.cli.CLIError) are the ones caught here.
+    from imagefs.cli import main as _main
+
+    sys.exit(_main())
