@@ -1,0 +1,389 @@
+"""Real FUSE mounts served by the real daemon: what a process sees through the kernel.
+
+Every mount here is made by ``imagefs.mount.start_mount`` (or the ``imagefs`` command)
+and removed by :func:`tests.support.mounts.mounted`, which unmounts lazily if it must:
+no test leaves a mount behind, whatever it asserts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import json
+import os
+import random
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
+
+import pytest
+
+from cache.localstore import LocalStore
+from imagefs.mount import FAULT_ENV, MountError, MountOptions, RunPaths, find_mounts, query_stats, start_mount
+from tests.support.mounts import MTIME_NS, ImageBuilder, Mount, _reap, force_unmount, is_mounted, mounted
+
+CS = 64 * 1024
+# A real file capability (v2, cap_net_raw): the kernel checks the format on read.
+CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
+BIG = random.Random(1).randbytes(5 * CS + 123)
+PAR = [random.Random(100 + i).randbytes(150_000 + i * 1000) for i in range(32)]
+HUGE_CHUNKS = 73_000  # x 64 KiB: ~4.46 GiB
+MARKER = random.Random(9).randbytes(CS)
+MARKER_AT = 70_000  # chunk number holding MARKER (offset > 4 GiB)
+HUGE_SIZE = (HUGE_CHUNKS - 1) * CS + 5
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private run directory for daemons' sockets and logs (inherited by daemons)."""
+    base = str(tmp_path_factory.mktemp("mount"))
+    old = os.environ.get("IMAGEFS_RUN_DIR")
+    os.environ["IMAGEFS_RUN_DIR"] = os.path.join(base, "run")
+    yield base
+    if old is None:
+        del os.environ["IMAGEFS_RUN_DIR"]
+    else:
+        os.environ["IMAGEFS_RUN_DIR"] = old
+
+
+def _opts(base: str, store: str, name: str) -> MountOptions:
+    return MountOptions(store=store, cache_dir=os.path.join(base, "cache-" + name), cache_size=1 << 30,
+                        memory_size=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def store(env: str) -> str:
+    path = os.path.join(env, "store")
+    s = LocalStore(path)
+    b = ImageBuilder(chunk_size=CS)
+    b.dir("etc", mode=0o750, uid=3, gid=4, xattrs={"user.dir": b"d"})
+    b.file("etc/passwd", b"root:x:0:0\n", xattrs={"user.a": b"1", "security.capability": CAPABILITY})
+    b.file("empty", b"")
+    b.file("big", BIG, mode=0o4755, uid=5, gid=6)
+    b.hardlink("big-link", "big")
+    b.hardlink("etc/big-link2", "big")
+    b.symlink("lib", "usr/lib")
+    b.file("usr/lib/libc.so", b"\x7fELF")
+    b.special("dev/null", stat.S_IFCHR, os.makedev(1, 3), 0o666)
+    b.special("dev/sda", stat.S_IFBLK, os.makedev(8, 1), 0o660)
+    b.special("run/fifo", stat.S_IFIFO, 0, 0o600)
+    b.special("run/sock", stat.S_IFSOCK, 0, 0o755)
+    for i, data in enumerate(PAR):
+        b.file(f"par/f{i:02d}", data)
+    zero = bytes(CS)
+    pieces = [zero] * HUGE_CHUNKS
+    pieces[MARKER_AT] = MARKER
+    pieces[-1] = b"tail!"
+    b.file_from_chunks("huge", pieces, HUGE_SIZE)
+    b.write(s, "main")
+
+    broken = ImageBuilder(chunk_size=CS, pack_size=1)  # a pack per chunk
+    broken.file("ok", b"still fine\n")
+    broken.file("lost", b"x" * 1000)
+    index = broken.write(s, "broken")
+    lost = index.resolve("lost")
+    assert lost is not None
+    s.delete(index.chunks_for_range(lost, 0, 1)[0][1].pack)
+    return path
+
+
+@pytest.fixture(scope="module")
+def main(env: str, store: str) -> Iterator[Mount]:
+    with mounted("main", os.path.join(env, "mnt-main"), _opts(env, store, "main")) as m:
+        yield m
+
+
+def _p(m: Mount, rel: str) -> str:
+    return os.path.join(m.path, rel)
+
+
+def _errno(fn: Any, *args: Any) -> int:
+    with pytest.raises(OSError) as e:
+        fn(*args)
+    return e.value.errno
+
+
+def _ops(m: Mount) -> dict[str, int]:
+    return query_stats(m.path)["requests"]["ops"]
+
+
+# -- what the mount shows ------------------------------------------------------------------
+
+
+def test_every_entry_type_and_attribute(main: Mount) -> None:
+    root = os.lstat(main.path)
+    assert root.st_ino == 1 and stat.S_ISDIR(root.st_mode)
+    etc = os.lstat(_p(main, "etc"))
+    assert (etc.st_mode, etc.st_uid, etc.st_gid, etc.st_nlink) == (stat.S_IFDIR | 0o750, 3, 4, 2)
+    big = os.lstat(_p(main, "big"))
+    assert big.st_mode == stat.S_IFREG | 0o4755 and (big.st_uid, big.st_gid) == (5, 6)
+    assert big.st_size == len(BIG) and big.st_blocks == (len(BIG) + 511) // 512
+    assert big.st_mtime_ns == big.st_atime_ns == big.st_ctime_ns == MTIME_NS
+    assert os.lstat(_p(main, "empty")).st_blocks == 0
+    lib = os.lstat(_p(main, "lib"))
+    assert stat.S_ISLNK(lib.st_mode) and lib.st_size == len("usr/lib")
+    assert os.readlink(_p(main, "lib")) == "usr/lib"
+    assert os.listdir(_p(main, "lib")) == ["libc.so"]  # the kernel follows it inside the mount
+    null = os.lstat(_p(main, "dev/null"))
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    sda = os.lstat(_p(main, "dev/sda"))
+    assert stat.S_ISBLK(sda.st_mode) and (os.major(sda.st_rdev), os.minor(sda.st_rdev)) == (8, 1)
+    assert stat.S_ISFIFO(os.lstat(_p(main, "run/fifo")).st_mode)
+    assert stat.S_ISSOCK(os.lstat(_p(main, "run/sock")).st_mode)
+    assert sorted(os.listdir(main.path)) == sorted(
+        ["etc", "empty", "big", "big-link", "lib", "usr", "dev", "run", "par", "huge"])
+    assert os.listdir(_p(main, "par")) == [f"f{i:02d}" for i in range(32)]
+    with os.scandir(_p(main, "dev")) as it:
+        assert {e.name: e.inode() for e in it} == {
+            "null": null.st_ino, "sda": sda.st_ino}
+
+
+def test_xattrs(main: Mount) -> None:
+    passwd = _p(main, "etc/passwd")
+    assert sorted(os.listxattr(passwd)) == ["security.capability", "user.a"]
+    assert os.getxattr(passwd, "user.a") == b"1"
+    assert os.getxattr(passwd, "security.capability") == CAPABILITY
+    assert os.getxattr(_p(main, "etc"), "user.dir") == b"d"
+    assert _errno(os.getxattr, passwd, "user.nope") == errno.ENODATA
+    assert os.listxattr(_p(main, "empty")) == []
+
+
+def test_hardlinks_share_an_inode(main: Mount) -> None:
+    a, b, c = (os.lstat(_p(main, n)) for n in ("big", "big-link", "etc/big-link2"))
+    assert a.st_ino == b.st_ino == c.st_ino
+    assert a.st_nlink == b.st_nlink == 3
+    with open(_p(main, "etc/big-link2"), "rb") as f:
+        assert f.read() == BIG
+
+
+def test_file_bytes_across_chunk_boundaries(main: Mount) -> None:
+    with open(_p(main, "big"), "rb") as f:
+        assert f.read() == BIG
+    fd = os.open(_p(main, "big"), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        rnd = random.Random(3)
+        cases = [(CS - 1, 2), (CS - 3, CS + 6), (0, len(BIG) + 100), (len(BIG) - 1, 10), (len(BIG), 10)]
+        cases += [(rnd.randrange(len(BIG)), rnd.randrange(1, 3 * CS)) for _ in range(30)]
+        for off, size in cases:
+            assert os.pread(fd, size, off) == BIG[off: off + size], (off, size)
+    finally:
+        os.close(fd)
+    with open(_p(main, "usr/lib/libc.so"), "rb") as f:
+        assert f.read() == b"\x7fELF"
+
+
+def test_file_larger_than_4_gib(main: Mount) -> None:
+    path = _p(main, "huge")
+    assert os.stat(path).st_size == HUGE_SIZE > 1 << 32
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        at = MARKER_AT * CS
+        assert os.pread(fd, 32, at - 16) == bytes(16) + MARKER[:16]
+        assert os.pread(fd, 100, at + CS - 50) == MARKER[-50:] + bytes(50)
+        assert os.pread(fd, 100, HUGE_SIZE - 7) == bytes(2) + b"tail!"
+        assert os.pread(fd, 10, 1 << 31) == bytes(10)
+    finally:
+        os.close(fd)
+
+
+def test_writes_fail_with_erofs(main: Mount) -> None:
+    big = _p(main, "big")
+    assert _errno(os.open, big, os.O_WRONLY) == errno.EROFS
+    assert _errno(os.open, big, os.O_RDWR) == errno.EROFS
+    assert _errno(os.open, _p(main, "new"), os.O_CREAT | os.O_WRONLY, 0o644) == errno.EROFS
+    assert _errno(os.mkdir, _p(main, "newdir")) == errno.EROFS
+    assert _errno(os.unlink, big) == errno.EROFS
+    assert _errno(os.rmdir, _p(main, "etc")) == errno.EROFS
+    assert _errno(os.rename, big, _p(main, "moved")) == errno.EROFS
+    assert _errno(os.symlink, "x", _p(main, "sym")) == errno.EROFS
+    assert _errno(os.link, big, _p(main, "hl")) == errno.EROFS
+    assert _errno(os.chmod, big, 0o600) == errno.EROFS
+    assert _errno(os.truncate, big, 0) == errno.EROFS
+    assert _errno(os.setxattr, big, "user.x", b"1") == errno.EROFS
+    assert _errno(os.removexattr, _p(main, "etc/passwd"), "user.a") == errno.EROFS
+    with open(big, "rb") as f:
+        assert f.read(10) == BIG[:10]  # still intact and readable
+
+
+def test_statfs(main: Mount) -> None:
+    s = os.statvfs(main.path)
+    assert s.f_flag & os.ST_RDONLY
+    assert s.f_bfree == s.f_bavail == s.f_ffree == 0
+    assert s.f_namemax == 255
+    assert s.f_files > 40
+    assert s.f_blocks * s.f_frsize >= HUGE_SIZE + len(BIG)
+    assert {m.mountpoint for m in find_mounts()} >= {os.path.realpath(main.path)}
+
+
+def test_32_concurrent_readers(main: Mount) -> None:
+    huge = _p(main, "huge")
+
+    def reader(i: int) -> bool:
+        fd = os.open(_p(main, f"par/f{i:02d}"), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            chunks = []
+            while data := os.read(fd, 7000 + i):
+                chunks.append(data)
+        finally:
+            os.close(fd)
+        with open(huge, "rb") as f:
+            f.seek(MARKER_AT * CS + i * 100)
+            ok_marker = f.read(100) == MARKER[i * 100: i * 100 + 100]
+        return b"".join(chunks) == PAR[i] and ok_marker
+
+    before = _ops(main).get("read", 0)
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(reader, range(32)))
+    assert results == [True] * 32
+    assert _ops(main)["read"] - before >= 32
+    assert query_stats(main.path)["requests"]["unexpected"] == 0
+
+
+def test_kernel_caches_lookups_including_negative_ones(main: Mount) -> None:
+    missing = _p(main, "etc/no-such-file")
+    assert _errno(os.stat, missing) == errno.ENOENT
+    after_first = _ops(main)["lookup"]
+    for _ in range(3):
+        assert _errno(os.stat, missing) == errno.ENOENT
+    assert _ops(main)["lookup"] == after_first  # answered from the negative dentry
+    os.stat(_p(main, "usr/lib/libc.so"))
+    positive = _ops(main)["lookup"]
+    os.stat(_p(main, "usr/lib/libc.so"))
+    assert _ops(main)["lookup"] == positive
+    assert _ops(main).get("getattr", 0) <= 2  # attributes come with entries and stay cached
+
+
+# -- faults -------------------------------------------------------------------------------
+
+
+def test_an_unexpected_exception_in_a_handler_is_eio_and_the_mount_lives(
+        env: str, store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULT_ENV, "readlink,listxattr")
+    with mounted("main", os.path.join(env, "mnt-fault"), _opts(env, store, "fault")) as m:
+        assert _errno(os.readlink, _p(m, "lib")) == errno.EIO
+        assert _errno(os.listxattr, _p(m, "etc/passwd")) == errno.EIO
+        assert _errno(os.readlink, _p(m, "lib")) == errno.EIO
+        with open(_p(m, "big"), "rb") as f:  # everything else still answers
+            assert f.read() == BIG
+        assert os.getxattr(_p(m, "etc/passwd"), "user.a") == b"1"
+        stats = query_stats(m.path)
+        assert stats["requests"]["unexpected"] == 3
+        assert stats["requests"]["errors"]["EIO"] == 3
+        with open(RunPaths.of(m.path).log) as f:
+            assert "injected fault in readlink" in f.read()
+
+
+def test_a_chunk_missing_from_the_store_is_eio_and_the_mount_lives(env: str, store: str) -> None:
+    with mounted("broken", os.path.join(env, "mnt-broken"), _opts(env, store, "broken")) as m:
+        with open(_p(m, "ok"), "rb") as f:
+            assert f.read() == b"still fine\n"
+        with open(_p(m, "lost"), "rb") as f:
+            assert _errno(f.read) == errno.EIO
+        assert os.stat(_p(m, "lost")).st_size == 1000
+        with open(_p(m, "ok"), "rb") as f:
+            assert f.read() == b"still fine\n"
+        assert query_stats(m.path)["cache"]["unavailable"] >= 1
+        with open(RunPaths.of(m.path).log) as f:
+            log = f.read()
+        line = next(ln for ln in log.splitlines() if "cannot be read" in ln)
+        assert "image broken" in line and "/lost" in line and "chunk " in line
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_store_or_unknown_image_is_an_error_and_no_mount(env: str, store: str) -> None:
+    mp = os.path.join(env, "mnt-never")
+    os.makedirs(mp, exist_ok=True)
+    try:
+        t0 = time.monotonic()
+        opts = MountOptions(store="s3://imagefs-test", s3_endpoint=f"http://127.0.0.1:{_free_port()}", cache_size=0)
+        with pytest.raises(MountError) as e:
+            start_mount("main", mp, opts)
+        assert "s3://imagefs-test" in str(e.value) and "cannot mount main" in str(e.value)
+        assert time.monotonic() - t0 < 20
+        assert not is_mounted(mp)
+        with pytest.raises(MountError, match="no such image"):
+            start_mount("nope", mp, _opts(env, store, "never"))
+        assert not is_mounted(mp)
+        with pytest.raises(MountError, match="no such directory"):
+            start_mount("main", os.path.join(env, "does-not-exist"), _opts(env, store, "never"))
+    finally:
+        force_unmount(mp)
+
+
+def test_mounting_twice_on_one_mountpoint_is_refused(main: Mount, env: str, store: str) -> None:
+    with pytest.raises(MountError, match="already mounted"):
+        start_mount("main", main.path, _opts(env, store, "main"))
+    assert os.lstat(main.path).st_ino == 1
+
+
+def test_sigterm_unmounts_cleanly(env: str, store: str) -> None:
+    mp = os.path.join(env, "mnt-term")
+    with mounted("main", mp, _opts(env, store, "term")) as m:
+        with open(_p(m, "etc/passwd"), "rb") as f:
+            assert f.read() == b"root:x:0:0\n"
+        os.kill(m.pid, signal.SIGTERM)
+        _reap(m.pid)
+        assert not is_mounted(mp)
+        assert os.listdir(mp) == []  # the empty directory again, not ENOTCONN
+        assert not os.path.exists(RunPaths.of(mp).socket)
+
+
+# -- the command --------------------------------------------------------------------------
+
+
+def _imagefs(*args: str) -> subprocess.CompletedProcess[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "imagefs")
+    cmd = [script] if os.path.exists(script) else [sys.executable, "-c", "import sys; from imagefs.cli import main; sys.exit(main())"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=60)
+
+
+def test_imagefs_mount_returns_once_the_mount_answers_then_stats_and_umount(env: str, store: str) -> None:
+    mp = os.path.join(env, "mnt-cli")
+    os.makedirs(mp, exist_ok=True)
+    try:
+        t0 = time.monotonic()
+        res = _imagefs("mount", "main", mp, "--store", store, "--cache-dir", os.path.join(env, "cache-cli"),
+                       "--cache-size", "256M")
+        assert res.returncode == 0, res.stderr
+        st = os.stat(os.path.join(mp, "etc/passwd"))  # no waiting: it answers now
+        elapsed = time.monotonic() - t0
+        assert st.st_size == len(b"root:x:0:0\n")
+        print(f"imagefs mount: command to first stat {elapsed * 1000:.0f} ms")
+
+        res = _imagefs("stats", mp, "--json")
+        assert res.returncode == 0, res.stderr
+        stats = json.loads(res.stdout)
+        assert stats["image"] == "main" and stats["requests"]["ops"]["lookup"] >= 2
+        assert set(stats["cache"]["tiers"]) == {"memory", "ssd", "blob"}
+        pid = stats["pid"]
+        res = _imagefs("stats", mp)
+        assert res.returncode == 0 and "memory" in res.stdout and "lookup" in res.stdout
+
+        res = _imagefs("mount", "main", mp, "--store", store)
+        assert res.returncode == 1 and res.stderr.startswith("imagefs: ") and "already mounted" in res.stderr
+
+        res = _imagefs("umount", mp)
+        assert res.returncode == 0, res.stderr
+        assert not is_mounted(mp)
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+        res = _imagefs("umount", mp)
+        assert res.returncode == 1 and "not an imagefs mount" in res.stderr
+        res = _imagefs("mount", "no-such-image", mp, "--store", store)
+        assert res.returncode == 1 and "no such image" in res.stderr and "Traceback" not in res.stderr
+        assert not is_mounted(mp)
+        res = _imagefs("mount", "main", mp, "--store", store, "--cache-size", "lots")
+        assert res.returncode == 2 and "invalid size 'lots'" in res.stderr
+    finally:
+        force_unmount(mp)
