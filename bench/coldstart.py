@@ -1,0 +1,523 @@
+"""Cold container start: imagefs tier by tier vs pull-and-unpack and peer filesystems.
+
+Why one command does everything: the figures only mean something with the network
+they ran on, the same images for every contender and the same container start, so
+``python -m bench coldstart`` builds (or reuses) all of it offline, runs the matrix on
+emulated links, and writes results that carry their own settings:
+
+1. images (bench/images.py), pushed to a local docker-registry (skopeo), indexed into
+   SeaweedFS (``imagefs index``), made into a zstd squashfs and a casync store; each
+   step is cached with a stamp of its inputs in the work directory;
+2. two network namespaces: ``blob`` (SeaweedFS S3, the registry, the casync store's
+   HTTP server) and ``az`` (``imagefs cache-server``), joined to the host and to each
+   other by veth pairs shaped with htb, each server fronted by a delay proxy
+   (bench/netem.py, bench/delayproxy.py, bench/services.py);
+3. the scenarios of bench/scenarios.py for every image and workload, repeated, with
+   the order interleaved per repeat so machine noise spreads over all of them;
+4. bench/results/coldstart-{quick,full}.{json,md,png} and a new entry in the
+   "Cold start" section of bench/RESULTS.md (bench/report.py).
+
+Everything started is stopped and every namespace removed on exit, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import netem, report, scenarios, services
+from bench.scenarios import Context, ImageAssets, RunResult, Workload
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+PREP_VERSION = 1  # bump when a preparation step changes its output
+
+CHAIN = ("imagefs-cold", "imagefs-ssd", "imagefs-page")
+S3_PORT, REGISTRY_PORT, CASYNC_PORT, CACHE_PORT = 8333, 5000, 8081, 7070
+
+RESULTS_INTRO = """\
+`python -m bench coldstart` (bench/coldstart.py): time from nothing on the host to a
+container's workload exit, per way of getting the rootfs. Servers run in network
+namespaces behind veth pairs capped with htb; a delay proxy adds the time to first
+byte of a cloud blob store (blob store, registry, casync store) or of a same-zone
+cache server. `ready` = rootfs usable (pulled and unpacked, or mounted), `start` =
+container process exists, `exit` = workload exited, all from one t0 (medians, and p90
+of the exit time); `link MiB/requests` = what crossed the emulated links; `workload
+read` = the workload's rchar (read(2) bytes, not page faults of mmapped files).
+Scenarios and phases: bench/scenarios.py; JSON schema: bench/report.py."""
+
+
+def log(msg: str) -> None:
+    print(f"[coldstart {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- stamps
+
+
+def _stamp_matches(path: Path, inputs: dict[str, Any]) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("inputs") == inputs)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(path: Path, inputs: dict[str, Any], seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"inputs": inputs, "seconds": round(seconds, 1),
+                               "at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}))
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _step(stamp: Path, inputs: dict[str, Any], what: str) -> Iterator[bool]:
+    """Yields True if the step must run; stamps it when the body completes."""
+    if _stamp_matches(stamp, inputs):
+        yield False
+        return
+    stamp.unlink(missing_ok=True)
+    log(f"preparing: {what}")
+    t0 = time.monotonic()
+    yield True
+    _write_stamp(stamp, inputs, time.monotonic() - t0)
+    log(f"prepared: {what} in {time.monotonic() - t0:.1f}s")
+
+
+def _run(argv: Sequence[str], what: str, env: dict[str, str] | None = None, timeout: float = 3600) -> str:
+    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    if res.returncode:
+        raise PrepError(f"{what} failed ({res.returncode}): `{shlex.join(argv)}`\n{(res.stderr or res.stdout)[-2000:]}")
+    return res.stdout
+
+
+class PrepError(RuntimeError):
+    """A preparation step failed; the message has the command and its output."""
+
+
+def layout_dir(ref: str) -> Path:
+    """``oci:PATH:TAG`` -> PATH."""
+    body = ref[len("oci:"):] if ref.startswith("oci:") else ref
+    path, _, _tag = body.rpartition(":")
+    return Path(path or body)
+
+
+def manifest_digest(layout: Path) -> str:
+    return str(json.loads((layout / "index.json").read_text())["manifests"][0]["digest"])
+
+
+def source_hash(*dirs: str) -> str:
+    """Digest of the project's indexer sources: an index built by other code is rebuilt."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for p in sorted((REPO / d).rglob("*.py")):
+            h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def prepare_local(work: Path, img: Any) -> ImageAssets:
+    """squashfs and casync store of the image's rootfs (no servers needed)."""
+    rootfs = Path(img.rootfs)
+    ident = {"zstd": manifest_digest(layout_dir(img.layout_zstd)), "prep": PREP_VERSION}
+    sqfs = work / "squashfs" / f"{img.name}.sqfs"
+    with _step(sqfs.with_suffix(".stamp.json"), {**ident, "comp": "zstd"}, f"squashfs of {img.name}") as todo:
+        if todo:
+            sqfs.parent.mkdir(parents=True, exist_ok=True)
+            tmp = sqfs.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            _run(["mksquashfs", str(rootfs), str(tmp), "-comp", "zstd", "-noappend", "-no-progress", "-quiet"],
+                 f"mksquashfs {img.name}")
+            tmp.replace(sqfs)
+    casync_dir = work / "casync"
+    caidx = casync_dir / f"{img.name}.caidx"
+    with _step(casync_dir / f"{img.name}.stamp.json", ident, f"casync store of {img.name}") as todo:
+        if todo:
+            casync_dir.mkdir(parents=True, exist_ok=True)
+            tmp = casync_dir / f".{img.name}.tmp.caidx"
+            tmp.unlink(missing_ok=True)
+            _run(["casync", "make", f"--store={casync_dir / 'default.castr'}", str(tmp), str(rootfs)],
+                 f"casync make {img.name}")
+            tmp.replace(caidx)
+    config = scenarios.oci_config(layout_dir(img.layout_gzip))
+    return ImageAssets(name=img.name, store_name=f"bench/{img.name}", registry_repo=f"bench/{img.name}:latest",
+                       config=config, squashfs=sqfs, caidx_name=caidx.name)
+
+
+def prepare_servers(work: Path, ns_blob: str, images: dict[str, Any], assets: dict[str, ImageAssets]) -> None:
+    """Push to the registry and index into SeaweedFS, from inside the blob namespace
+    (straight to the servers' loopback: preparation is not what is measured)."""
+    for name, img in images.items():
+        a = assets[name]
+        gz = manifest_digest(layout_dir(img.layout_gzip))
+        with _step(work / "registry" / "stamps" / f"{name}.json", {"gzip": gz, "prep": PREP_VERSION},
+                   f"push {name} to the registry") as todo:
+            if todo:
+                _run(services.in_ns(ns_blob, ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                                              f"oci:{layout_dir(img.layout_gzip)}:latest",
+                                              f"docker://127.0.0.1:{REGISTRY_PORT}/{a.registry_repo}"]),
+                     f"skopeo push {name}")
+        zs = manifest_digest(layout_dir(img.layout_zstd))
+        inputs = {"zstd": zs, "indexer": source_hash("indexer", "cache"), "prep": PREP_VERSION}
+        with _step(work / "seaweed" / "stamps" / f"{name}.json", inputs, f"imagefs index {name}") as todo:
+            if todo:
+                _run(services.in_ns(ns_blob, [services.tool("imagefs"), "-q", "index", f"oci:{layout_dir(img.layout_zstd)}:latest",
+                                              "--store", f"s3://{services.S3_BUCKET}",
+                                              "--s3-endpoint", f"http://127.0.0.1:{S3_PORT}",
+                                              "--name", a.store_name]),
+                     f"imagefs index {name}", env=services.s3_env())
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def has_cache_server() -> bool:
+    res = subprocess.run([services.tool("imagefs"), "cache-server", "--help"], capture_output=True)
+    return res.returncode == 0
+
+
+def cleanup_rundir(rundir: Path) -> None:
+    """Undo what a killed earlier run left in our run directory: containers, mounts."""
+    runc_root = rundir / "runc"
+    if runc_root.is_dir():
+        out = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"], capture_output=True, text=True)
+        for cid in out.stdout.split():
+            subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", cid], capture_output=True)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if len(line.split()) > 4]
+    prefix = str(rundir.resolve()) + "/"
+    for mp in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        scenarios.force_unmount(Path(mp))
+    shutil.rmtree(rundir, ignore_errors=True)
+
+
+def machine_info() -> dict[str, Any]:
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    osname = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                osname = line.split("=", 1)[1].strip('"')
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+
+    def version(argv: list[str]) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (r.stdout or r.stderr).strip().splitlines()[0][:80]
+        return "?"
+
+    return {"hostname": socket.gethostname(), "kernel": platform.release(), "os": osname,
+            "cpus": os.cpu_count() or 0, "memory_gib": round(mem_kb / (1 << 20), 1),
+            "python": platform.python_version(), "commit": commit.stdout.strip(),
+            "tools": {"skopeo": version(["skopeo", "--version"]), "umoci": version(["umoci", "--version"]),
+                      "runc": version(["runc", "--version"]), "casync": version(["casync", "--version"]),
+                      "squashfuse": version(["squashfuse", "--version"]),
+                      "mksquashfs": version(["mksquashfs", "-version"])}}
+
+
+# --------------------------------------------------------------------------- matrix
+
+
+def _describe(r: RunResult) -> str:
+    if not r.ok:
+        return f"FAILED: {(r.error or '').splitlines()[0][:200] if r.error else '?'}"
+    link_bytes = sum(v.get("bytes_down", 0) + v.get("bytes_up", 0) for v in r.links.values())
+    link_req = sum(v.get("requests", 0) for v in r.links.values())
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in r.phases_s.items())
+    return (f"{r.total_s:.2f}s ({phases}); links {link_bytes / (1 << 20):.1f} MiB in {link_req} requests; "
+            f"read {r.workload_io.get('rchar', 0) / (1 << 20):.1f} MiB")
+
+
+def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence[Workload],
+               wanted: Sequence[str], repeat: int, deadline: float | None) -> list[RunResult]:
+    """Every (image, workload): AZ warm-up, then ``repeat`` rounds of every scenario.
+
+    A peer that ran out of time on an image is not run again on it (the next workload
+    reads more, the next repeat is as slow): its remaining runs are recorded as failed
+    with the reason, so the table shows them instead of hiding them.
+    """
+    results: list[RunResult] = []
+    chain_head = next((s for s in wanted if s in CHAIN), None)
+
+    def keep(rs: Sequence[RunResult]) -> None:
+        for r in rs:
+            results.append(r)
+            log(f"{r.image} / {r.workload} / {r.scenario} #{r.repeat + 1}: {_describe(r)}")
+
+    for name, img in assets.items():
+        timed_out: dict[str, str] = {}  # scenario -> why it is not run again on this image
+        for wl in workloads:
+            if not wl.applies_to(name):
+                continue
+            if "imagefs-az" in wanted and ctx.az is not None:
+                warm = scenarios.run_imagefs_az(ctx, img, wl, -1, warmup=True)
+                log(f"{name} / {wl.name} / AZ cache warm-up: {_describe(warm)}")
+            for rep in range(repeat):
+                if deadline is not None and time.monotonic() > deadline and rep > 0:
+                    log(f"time budget spent: {name} / {wl.name} stops after {rep} repeat(s)")
+                    break
+                for sc in wanted:
+                    if sc in timed_out:
+                        keep([RunResult(sc, name, wl.name, rep).fail(timed_out[sc])])
+                    elif sc == "baseline":
+                        keep([scenarios.run_baseline(ctx, img, wl, rep)])
+                    elif sc in CHAIN:
+                        if sc == chain_head:  # one chain (cold -> ssd -> page) records them all
+                            keep(scenarios.run_imagefs_chain(ctx, img, wl, rep, wanted))
+                    elif sc == "imagefs-az":
+                        keep([scenarios.run_imagefs_az(ctx, img, wl, rep)])
+                    elif sc == "squashfuse":
+                        keep([scenarios.run_squashfuse(ctx, img, wl, rep)])
+                    elif sc == "casync":
+                        r = scenarios.run_casync(ctx, img, wl, rep)
+                        keep([r])
+                        if not r.ok and "did not exit within" in (r.error or ""):
+                            timed_out[sc] = (f"not run: casync took over {ctx.peer_timeout_s:.0f}s on "
+                                             f"{name} / {wl.name} already")
+    return results
+
+
+# --------------------------------------------------------------------------- command
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench coldstart",
+        description="Measure cold container starts: pull+unpack (baseline), imagefs with each tier "
+        "cold or warm, squashfuse and casync, on emulated blob-store and AZ links.")
+    p.add_argument("--quick", action="store_true",
+                   help="a subset that fits in ~3 minutes: numpy image, one repeat, shorter peer timeout")
+    p.add_argument("--images", help="comma-separated bench images (default numpy,torch; quick: numpy)")
+    p.add_argument("--workloads", help="comma-separated workload names (default all that apply: "
+                   + ", ".join(w.name for w in scenarios.WORKLOADS) + ")")
+    p.add_argument("--scenarios", help="comma-separated scenarios (default all: " + ", ".join(scenarios.SCENARIOS) + ")")
+    p.add_argument("--repeat", type=int, help="runs per scenario (default 3; quick: 1)")
+    p.add_argument("--blob-latency-ms", type=float, default=200.0,
+                   help="time to first byte of every blob store, registry and casync store answer (default 200)")
+    p.add_argument("--az-latency-ms", type=float, default=1.0,
+                   help="time to first byte of every AZ cache server answer (default 1)")
+    p.add_argument("--one-way-ms", type=float, default=0.0,
+                   help="extra delay of every chunk in each direction, on every link (default 0)")
+    p.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="every link, each way (default 1000)")
+    p.add_argument("--workdir", help="bench work directory (default $IMAGEFS_BENCH_DIR, else /var/cache/imagefs-bench)")
+    p.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
+    p.add_argument("--peer-timeout", type=float, help="seconds a casync run may take (default 120; quick: 40)")
+    p.add_argument("--budget", type=float, help="stop starting new repeats after this many seconds of matrix "
+                   "(default: none; quick: 150)")
+    p.add_argument("--az-cache-size", default="20G", help="the AZ cache server's --max-size (default 20G)")
+    p.add_argument("--no-record", action="store_true", help="do not add the run to bench/RESULTS.md")
+    args = p.parse_args(argv)
+    args.images = [x for x in (args.images or ("numpy" if args.quick else "numpy,torch")).split(",") if x]
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.peer_timeout = args.peer_timeout or (40.0 if args.quick else 120.0)
+    if args.budget is None and args.quick:
+        args.budget = 150.0
+    names = {w.name for w in scenarios.WORKLOADS}
+    args.workloads = [w.strip() for w in args.workloads.split(",")] if args.workloads else sorted(names)
+    unknown = set(args.workloads) - names
+    if unknown:
+        p.error(f"unknown workload(s) {sorted(unknown)}; known: {sorted(names)}")
+    args.scenarios = [s.strip() for s in args.scenarios.split(",")] if args.scenarios else list(scenarios.SCENARIOS)
+    unknown = set(args.scenarios) - set(scenarios.SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenario(s) {sorted(unknown)}; known: {', '.join(scenarios.SCENARIOS)}")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepError(f"another coldstart run holds {path}") from None
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if os.geteuid() != 0:
+        print("bench coldstart: needs root (namespaces, mounts, runc, drop_caches)", file=sys.stderr)
+        return 2
+    from bench import images as bench_images
+
+    base = bench_images.resolve_workdir(args.workdir)
+    work = base / "coldstart"
+    command = "python -m bench coldstart " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    started = datetime.datetime.now().astimezone()
+    os.environ.update(services.s3_env())
+    try:
+        with _locked(work / ".lock"), _sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+            rundir = work / "run"
+            cleanup_rundir(rundir)
+            rundir.mkdir(parents=True)
+            stack.callback(cleanup_rundir, rundir)
+            log(f"images: {', '.join(args.images)} (bench/images.py, cached in {base})")
+            built = bench_images.ensure_images(str(base), tuple(args.images))
+            assets = {name: prepare_local(work, img) for name, img in built.items()}
+
+            netem.preflight()
+            stale = netem.remove_stale()
+            if stale:
+                log(f"removed what an earlier run left: {', '.join(stale)}")
+            topo = stack.enter_context(netem.Topology())
+            ns_blob, ns_az = topo.namespace("blob"), topo.namespace("az")
+            bw = args.bandwidth_mbit
+            blob_link = topo.link("blob", None, ns_blob, bw)
+            az_link = topo.link("az", None, ns_az, bw)
+            az_blob = topo.link("az-blob", ns_az, ns_blob, bw)
+            log(f"links: host {blob_link.a.addr} <-> blob {blob_link.b.addr}, host {az_link.a.addr} <-> az "
+                f"{az_link.b.addr}, az {az_blob.a.addr} <-> blob {az_blob.b.addr}; {bw:g} Mbit/s each way")
+
+            for svc in (services.start_seaweed(ns_blob, work / "seaweed", S3_PORT),
+                        services.start_registry(ns_blob, work / "registry", REGISTRY_PORT),
+                        services.start_static_http(ns_blob, work / "casync", CASYNC_PORT, rundir / "logs" / "http.log")):
+                stack.callback(svc.stop)
+            prepare_servers(work, ns_blob, built, assets)
+
+            blob_ms, az_ms, ow = args.blob_latency_ms, args.az_latency_ms, args.one_way_ms
+            proxies = {}
+            for name, ns, listen, target, ttfb in (
+                ("blob", ns_blob, f"{blob_link.b.addr}:{S3_PORT}", f"127.0.0.1:{S3_PORT}", blob_ms),
+                ("registry", ns_blob, f"{blob_link.b.addr}:{REGISTRY_PORT}", f"127.0.0.1:{REGISTRY_PORT}", blob_ms),
+                ("casync", ns_blob, f"{blob_link.b.addr}:{CASYNC_PORT}", f"127.0.0.1:{CASYNC_PORT}", blob_ms),
+                ("az-blob", ns_blob, f"{az_blob.b.addr}:{S3_PORT}", f"127.0.0.1:{S3_PORT}", blob_ms),
+            ):
+                proxies[name] = services.start_delay_proxy(name, ns, listen, target, ttfb_ms=ttfb, one_way_ms=ow,
+                                                           rundir=rundir / "proxies")
+                stack.callback(proxies[name].stop)
+
+            wanted = [s for s in scenarios.SCENARIOS if s in args.scenarios]
+            skipped: dict[str, str] = {}
+            az_proxy = None
+            if "imagefs-az" in wanted:
+                if has_cache_server():
+                    cs = services.start_cache_server(ns_az, rundir / "cache-server", port=CACHE_PORT,
+                                                     store=f"s3://{services.S3_BUCKET}",
+                                                     s3_endpoint=f"http://{az_blob.b.addr}:{S3_PORT}",
+                                                     max_size=args.az_cache_size)
+                    stack.callback(cs.stop)
+                    az_proxy = services.start_delay_proxy("az", ns_az, f"{az_link.b.addr}:{CACHE_PORT}",
+                                                          f"127.0.0.1:{CACHE_PORT}", ttfb_ms=az_ms, one_way_ms=ow,
+                                                          rundir=rundir / "proxies")
+                    stack.callback(az_proxy.stop)
+                else:
+                    skipped["imagefs-az"] = "`imagefs cache-server` is not available in this checkout"
+                    wanted.remove("imagefs-az")
+                    log("skipping imagefs-az: " + skipped["imagefs-az"])
+
+            from imagefs.run import runc_base_spec
+
+            with tempfile.TemporaryDirectory() as tmp:
+                runc_base = runc_base_spec(tmp)
+            ctx = Context(rundir=rundir, settings={}, blob=proxies["blob"], registry=proxies["registry"],
+                          casync=proxies["casync"], az=az_proxy,
+                          s3_endpoint=f"http://{blob_link.b.addr}:{S3_PORT}", store_url=f"s3://{services.S3_BUCKET}",
+                          registry_host=f"{blob_link.b.addr}:{REGISTRY_PORT}",
+                          casync_url=f"http://{blob_link.b.addr}:{CASYNC_PORT}",
+                          az_address=f"{az_link.b.addr}:{CACHE_PORT}" if az_proxy else None,
+                          runc_base=runc_base, run_timeout_s=args.run_timeout, peer_timeout_s=args.peer_timeout)
+            workloads = [w for w in scenarios.WORKLOADS if w.name in args.workloads]
+            settings = {
+                "blob_latency_ms": blob_ms, "az_latency_ms": az_ms, "one_way_ms": ow, "bandwidth_mbit": bw,
+                "repeat": args.repeat, "quick": args.quick, "images": list(assets),
+                "workloads": {w.name: list(w.argv) for w in workloads}, "scenarios": wanted, "skipped": skipped,
+                "run_timeout_s": args.run_timeout, "peer_timeout_s": args.peer_timeout, "budget_s": args.budget,
+                "az_cache_size": args.az_cache_size,
+                "links": {"blob": f"host {blob_link.a.addr} <-> {blob_link.b.addr} (SeaweedFS S3, registry, casync store)",
+                          "az": f"host {az_link.a.addr} <-> {az_link.b.addr} (imagefs cache-server)",
+                          "az-blob": f"{az_blob.a.addr} <-> {az_blob.b.addr} (cache server to blob store)"},
+                "latency_model": "delay proxy: hold the first byte of each answer until ttfb after the request "
+                                 "began; one_way_ms delays every chunk each way",
+                "bandwidth_model": "tc htb class, rate = ceil, on the egress of both veth ends",
+            }
+            ctx.settings = settings
+            log("matrix: " + ", ".join(wanted) + f" x {len(workloads)} workload(s) x {args.repeat} repeat(s)")
+            t_matrix = time.monotonic()
+            deadline = t_matrix + args.budget if args.budget else None
+            runs = run_matrix(ctx, assets, workloads, wanted, args.repeat, deadline)
+            settings["matrix_s"] = round(time.monotonic() - t_matrix, 1)
+            settings["shaping_check"] = {name: link.qdisc_stats() for name, link in topo.links.items()}
+            images_info = {name: {"layer_sizes": list(img.layer_sizes), "n_entries": img.n_entries,
+                                  "layer_compressed": {k: list(v) for k, v in img.layer_compressed.items()}}
+                           for name, img in built.items()}
+    except KeyboardInterrupt:
+        log("interrupted: everything started was stopped")
+        return 130
+    except (PrepError, services.ServiceError, netem.NetemError, scenarios.ScenarioError) as e:
+        log(f"failed: {e}")
+        return 1
+
+    doc = {"schema": report.SCHEMA, "version": report.VERSION, "command": command,
+           "started": started.isoformat(timespec="seconds"),
+           "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "machine": machine_info(), "settings": settings, "images": images_info,
+           "runs": [r.to_dict() for r in runs]}
+    doc["summary"] = report.summarize(doc["runs"], scenarios.SCENARIOS)
+    write_outputs(doc, "quick" if args.quick else "full", record=not args.no_record)
+    return 0 if all(r.ok for r in runs) else 1
+
+
+def write_outputs(doc: dict[str, Any], kind: str, record: bool) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"coldstart-{kind}"
+    report.write_json(doc, stem.with_suffix(".json"))
+    s = doc["settings"]
+    title = (f"Cold start ({kind}), {doc['started'][:16]}, {doc['machine'].get('cpus')} CPUs\n"
+             f"blob store/registry TTFB {s['blob_latency_ms']:g} ms, AZ cache TTFB {s['az_latency_ms']:g} ms, "
+             f"{s['bandwidth_mbit']:g} Mbit/s links, median of {s['repeat']} run(s)")
+    chart_name: str | None = stem.with_suffix(".png").name
+    try:
+        report.chart(doc["summary"], stem.with_suffix(".png"), title)
+    except ImportError as e:
+        log(f"no chart ({e}); install the bench extra (matplotlib)")
+        chart_name = None
+    body = report.markdown_report(doc, chart_name)
+    stem.with_suffix(".md").write_text(f"# Cold start ({kind})\n\n" + body)
+    print(report.markdown_table(doc["summary"]))
+    log(f"results: {stem}.json, .md" + (", .png" if chart_name else ""))
+    if record:
+        heading = f"### {doc['started'][:16].replace('T', ' ')} ({kind})\n\n"
+        if chart_name:
+            body = body.replace(f"]({chart_name})", f"](results/{chart_name})")
+        report.append_results_section(RESULTS_MD, heading + body, RESULTS_INTRO)
+        log(f"added to {RESULTS_MD}")
