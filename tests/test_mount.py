@@ -24,7 +24,11 @@ import pytest
 
 from cache.localstore import LocalStore
 from imagefs.mount import FAULT_ENV, MountError, MountOptions, RunPaths, find_mounts, query_stats, start_mount
+from indexer.build import build_image
+from tests.support.images import write_oci_layout
 from tests.support.mounts import MTIME_NS, ImageBuilder, Mount, _reap, force_unmount, is_mounted, mounted
+from tests.support.reference import dir_entries, reference_tree
+from tests.support.tars import feature_layers
 
 CS = 64 * 1024
 # A real file capability (v2, cap_net_raw): the kernel checks the format on read.
@@ -257,6 +261,25 @@ def test_kernel_caches_lookups_including_negative_ones(main: Mount) -> None:
     os.stat(_p(main, "usr/lib/libc.so"))
     assert _ops(main)["lookup"] == positive
     assert _ops(main).get("getattr", 0) <= 2  # attributes come with entries and stay cached
+
+
+def test_an_indexed_oci_image_through_the_mount_matches_the_reference(env: str, store: str) -> None:
+    """Every entry of feature_layers(), indexed from an OCI layout by the real build and
+    read back through the kernel (bytes and metadata), against the naive reference."""
+    layers = feature_layers()
+    layout = os.path.join(env, "layout")
+    write_oci_layout(layout, layers, {"Cmd": ["/bin/sh"]}, compression="zstd")
+    build_image(f"oci:{layout}:latest", LocalStore(store), "features")
+    with mounted("features", os.path.join(env, "mnt-features"), _opts(env, store, "features")) as m:
+        got = dir_entries(m.path)
+        want = reference_tree(layers)
+        assert sorted(got) == sorted(want)
+        for path in sorted(want):
+            assert got[path] == want[path], path
+        hl = [os.lstat(os.path.join(m.path, p)) for p in ("usr/bin/tool-hl", "usr/bin/tool")]
+        assert hl[0].st_ino != hl[1].st_ino  # tool was replaced; tool-hl keeps v1
+        big = os.lstat(os.path.join(m.path, "usr/lib/libbig.so"))
+        assert big.st_nlink == 2 and big.st_ino == os.lstat(os.path.join(m.path, "usr/bin/libbig-hl")).st_ino
 
 
 # -- faults -------------------------------------------------------------------------------
