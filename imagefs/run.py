@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from imagefs.runtime_config import ConfigError, RunSpec, runtime_config
 
@@ -72,43 +72,58 @@ def _is_mounted(path: str) -> bool:
 def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: Timings) -> Iterator[str]:  # noqa: F821
     """The host's mount of ``digest``, started if absent; unmounted by the last user.
 
-    Two locks: ``<hex>.lock`` (exclusive, short) serialises checking, mounting and
-    unmounting; ``<hex>.users`` is held shared by every container using the mount,
-    so whoever can take it exclusively is the last user.
+    One host-wide lock (``/run/imagefs/images.lock``, held briefly) serialises
+    checking, mounting and unmounting. Each container holds a shared flock on the
+    image's ``<hex>.users`` file for as long as it runs, so whoever can take it
+    exclusively is the last user: it unmounts and removes the mount point and the
+    users file, leaving nothing behind.
     """
     from imagefs.mount import start_mount, unmount
 
     os.makedirs(IMAGES_DIR, exist_ok=True)
-    hexd = digest.split(":", 1)[1]
-    mountpoint = os.path.join(IMAGES_DIR, hexd)
-    lock_path, users_path = mountpoint + ".lock", mountpoint + ".users"
-    users_fd = os.open(users_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        with _flock(lock_path, fcntl.LOCK_EX):
-            if _is_mounted(mountpoint) and os.path.isdir(mountpoint):
+    mountpoint = os.path.join(IMAGES_DIR, digest.split(":", 1)[1])
+    users_path = mountpoint + ".users"
+    with _flock(IMAGES_DIR + ".lock", fcntl.LOCK_EX):
+        users_fd = os.open(users_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(users_fd, fcntl.LOCK_SH)
+        try:
+            if _is_mounted(mountpoint):
                 timings.reused_mount = True
             else:
                 os.makedirs(mountpoint, exist_ok=True)
                 t0 = time.monotonic()
                 start_mount(digest, mountpoint, opts)
                 timings.mount_s = time.monotonic() - t0
-            fcntl.flock(users_fd, fcntl.LOCK_SH)
+        except BaseException:
+            _release(users_fd, users_path, mountpoint, unmount)
+            raise
+    try:
         yield mountpoint
     finally:
-        with _flock(lock_path, fcntl.LOCK_EX):
-            fcntl.flock(users_fd, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                last = True
-            except BlockingIOError:
-                last = False
-            os.close(users_fd)
-            if last and _is_mounted(mountpoint):
-                try:
-                    unmount(mountpoint)
-                    os.rmdir(mountpoint)
-                except Exception as e:  # cleanup must not mask the container's status
-                    log.warning("could not unmount %s: %s", mountpoint, e)
+        with _flock(IMAGES_DIR + ".lock", fcntl.LOCK_EX):
+            _release(users_fd, users_path, mountpoint, unmount)
+
+
+def _release(users_fd: int, users_path: str, mountpoint: str, unmount: Callable[[str], None]) -> None:
+    """(under the host-wide lock) Drop our use; the last user tears the mount down."""
+    fcntl.flock(users_fd, fcntl.LOCK_UN)
+    try:
+        fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        last = True
+    except BlockingIOError:
+        last = False
+    os.close(users_fd)
+    if not last:
+        return
+    try:
+        if _is_mounted(mountpoint):
+            unmount(mountpoint)
+        os.rmdir(mountpoint)
+        os.unlink(users_path)
+    except OSError as e:  # cleanup must not mask the container's status
+        log.warning("could not remove the mount %s: %s", mountpoint, e)
+    except Exception as e:
+        log.warning("could not unmount %s: %s", mountpoint, e)
 
 
 @contextlib.contextmanager
@@ -180,26 +195,58 @@ def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | N
     return status, timings
 
 
+INTERRUPT_GRACE_S = 2.0  # after Ctrl-C, how long the container has to exit before SIGKILL
+TERM_GRACE_S = 10.0  # after SIGTERM to imagefs run (docker stop's default)
+
+
 def _run_runc(cid: str, bundle: str, t0: float, timings: Timings) -> int:
+    """Run the container in the foreground; returns its exit status.
+
+    Signals: runc forwards the signals it receives to the container, and Ctrl-C on a
+    terminal reaches runc directly (same process group). But a container's PID 1
+    ignores signals it has no handler for, so a forwarded SIGINT/SIGTERM alone may
+    never end it: after a grace period (or at a second Ctrl-C) the container is
+    killed with SIGKILL. Either way we wait for runc, so cleanup always runs.
+    """
     pid_file = os.path.join(bundle, "pid")
     cmd = ["runc", "--root", RUNC_ROOT, "run", "--bundle", bundle, "--pid-file", pid_file, cid]
     done = threading.Event()
     watcher = threading.Thread(target=_watch_start, args=(pid_file, t0, timings, done), daemon=True)
     watcher.start()
-    # runc forwards signals it gets to the container; we keep running until it exits
-    # so that cleanup always happens. Ctrl-C reaches runc through the terminal's
-    # process group; SIGTERM sent to us is passed on explicitly.
     proc = subprocess.Popen(cmd)
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    timers: list[threading.Timer] = []
+
+    def kill() -> None:
+        if proc.poll() is None:
+            subprocess.run(["runc", "--root", RUNC_ROOT, "kill", "--all", cid, "KILL"], capture_output=True)
+
+    def kill_after(seconds: float) -> None:
+        timer = threading.Timer(seconds, kill)
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
+
+    def on_term(*_: object) -> None:
+        proc.send_signal(signal.SIGTERM)
+        kill_after(TERM_GRACE_S)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    interrupts = 0
     try:
         while True:
             try:
                 status = proc.wait()
                 break
             except KeyboardInterrupt:
-                continue  # runc got the SIGINT too and passes it to the container
+                interrupts += 1
+                if interrupts == 1:
+                    kill_after(INTERRUPT_GRACE_S)
+                else:
+                    kill()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for timer in timers:
+            timer.cancel()
         done.set()
     return status if status >= 0 else 128 - status
 
