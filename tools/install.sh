@@ -37,6 +37,12 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   echo "install.sh: creating virtualenv $VENV" >&2
   "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]"
+# Reinstall only when the dependencies changed (pyproject.toml's hash is the stamp).
+STAMP="$VENV/.imagefs-installed"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $ROOT"
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]"
+  echo "$WANT" > "$STAMP"
+fi
 echo "install.sh: ready ($VENV)" >&2
