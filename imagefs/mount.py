@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import faulthandler
 import hashlib
 import json
 import logging
@@ -138,9 +139,14 @@ def find_mounts() -> list[MountInfo]:
     return out
 
 
+def _mounted_at(real_path: str) -> bool:
+    """Whether an imagefs mount sits at ``real_path`` (already resolved: this reads only
+    /proc, never the path, so it is safe even when the mount does not answer)."""
+    return any(m.mountpoint == real_path for m in find_mounts())
+
+
 def _is_imagefs_mount(mountpoint: str) -> bool:
-    mp = os.path.realpath(mountpoint)
-    return any(m.mountpoint == mp for m in find_mounts())
+    return _mounted_at(os.path.realpath(mountpoint))
 
 
 def _check_mountpoint(mountpoint: str) -> str:
@@ -249,7 +255,9 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
     try:
         trio.run(daemon.run)
     finally:
-        pyfuse3.close(unmount=True)
+        # Unmount unless someone already did (fusermount3 -u): asking twice only
+        # makes libfuse print an error. mountinfo is read without touching the mount.
+        pyfuse3.close(unmount=_mounted_at(mp))
         daemon.cleanup()
         if ssd is not None:
             ssd.close()
@@ -279,6 +287,7 @@ class _Daemon:
             async def fuse_main() -> None:
                 try:
                     await pyfuse3.main()
+                    log.info("%s: FUSE session ended", self.paths.mountpoint)
                 finally:
                     nursery.cancel_scope.cancel()
 
@@ -515,8 +524,11 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
         return
     if lazy:
         return
-    log.warning("%s: daemon %d still running %gs after unmount; terminating it", mountpoint, pid, timeout)
+    log.warning("%s: daemon %d still running %gs after unmount; terminating it (stacks in its log)",
+                mountpoint, pid, timeout)
     with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.2)
         os.kill(pid, signal.SIGTERM)
     if not _wait_exit(pid, 5.0):
         raise MountError(f"{mountpoint}: unmounted, but daemon {pid} did not exit")
@@ -556,6 +568,7 @@ def _daemon_main(argv: list[str] | None = None) -> int:
     p.add_argument("mountpoint")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s imagefs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks into the log
     try:
         serve(args.image, args.mountpoint, MountOptions.from_json(args.options), ready_fd=args.ready_fd)
     except MountError as e:
