@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from cache.localstore import LocalStore
+from imagefs.cli_mount import parse_size
 from imagefs.mount import FAULT_ENV, MountError, MountOptions, RunPaths, find_mounts, query_stats, start_mount
 from indexer.build import build_image
 from tests.support.images import write_oci_layout
@@ -195,6 +196,18 @@ def test_file_larger_than_4_gib(main: Mount) -> None:
         os.close(fd)
 
 
+def test_other_users_see_the_mount_with_the_images_permissions(main: Mount) -> None:
+    """allow_other lets non-root processes in; default_permissions applies the image's modes."""
+    # cd in as root first: pytest's tmp directories are 0700.
+    script = ("import os, sys\n"
+              "os.chdir(sys.argv[1]); os.setgid(65534); os.setuid(65534)\n"
+              "print(len(open('usr/lib/libc.so', 'rb').read()))\n"
+              "try:\n    os.listdir('etc')\nexcept PermissionError:\n    print('EACCES')\n")
+    res = subprocess.run([sys.executable, "-c", script, main.path], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["4", "EACCES"]  # etc is 0750 root:4
+
+
 def test_writes_fail_with_erofs(main: Mount) -> None:
     big = _p(main, "big")
     assert _errno(os.open, big, os.O_WRONLY) == errno.EROFS
@@ -280,6 +293,21 @@ def test_an_indexed_oci_image_through_the_mount_matches_the_reference(env: str, 
         assert hl[0].st_ino != hl[1].st_ino  # tool was replaced; tool-hl keeps v1
         big = os.lstat(os.path.join(m.path, "usr/lib/libbig.so"))
         assert big.st_nlink == 2 and big.st_ino == os.lstat(os.path.join(m.path, "usr/bin/libbig-hl")).st_ino
+
+
+def test_mount_from_an_s3_store(env: str, seaweed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = ImageBuilder(chunk_size=CS)
+    b.file("data/big", BIG)
+    b.symlink("link", "data/big")
+    b.write(seaweed.store("mount-test"), "s3img")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)  # the daemon reads the AWS env
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+    opts = MountOptions(store=f"s3://{seaweed.bucket}/mount-test", s3_endpoint=seaweed.endpoint, cache_size=0)
+    with mounted("s3img", os.path.join(env, "mnt-s3"), opts) as m:
+        with open(_p(m, "link"), "rb") as f:
+            assert f.read() == BIG
+        blob = query_stats(m.path)["cache"]["tiers"]["blob"]
+        assert blob["bytes"] >= len(BIG) // 2 and blob["requests"] <= 3  # ranged reads, not one per chunk
 
 
 # -- faults -------------------------------------------------------------------------------
@@ -410,3 +438,38 @@ def test_imagefs_mount_returns_once_the_mount_answers_then_stats_and_umount(env:
         assert res.returncode == 2 and "invalid size 'lots'" in res.stderr
     finally:
         force_unmount(mp)
+
+
+def test_imagefs_mount_foreground_serves_until_interrupted(env: str, store: str) -> None:
+    mp = os.path.join(env, "mnt-fg")
+    os.makedirs(mp, exist_ok=True)
+    script = os.path.join(os.path.dirname(sys.executable), "imagefs")
+    proc = subprocess.Popen([script, "mount", "--foreground", "main", mp, "--store", store, "--cache-size", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mp):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+            time.sleep(0.02)
+        with open(os.path.join(mp, "etc/passwd"), "rb") as f:
+            assert f.read() == b"root:x:0:0\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert not is_mounted(mp) and os.listdir(mp) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_unmount(mp)
+
+
+def test_parse_size() -> None:
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("4096") == 4096
+    assert parse_size("64k") == 64 << 10
+    assert parse_size("0") == 0
+    for bad in ("", "G", "10X", "-1G", "1e3"):
+        with pytest.raises(ValueError, match="invalid size"):
+            parse_size(bad)
