@@ -31,6 +31,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -48,6 +49,7 @@ ERROR_PREFIX = b"error: "
 # Environment variable naming handlers to fail with an unexpected exception
 # (comma-separated operation names): the test hook for the EIO-not-crash path.
 FAULT_ENV = "IMAGEFS_FAULT_OPS"
+CACHE_SECRET_ENV = "IMAGEFS_CACHE_SECRET"
 
 
 class MountError(Exception):
@@ -75,8 +77,8 @@ def run_dir() -> str:
 class MountOptions:
     """How to serve a mount: where chunks come from and how much may be cached.
 
-    ``cache_size`` 0 disables the SSD tier; ``az_cache`` lists cache-server
-    addresses (reserved for the AZ tier).
+    ``cache_size`` 0 disables the SSD tier; ``az_cache`` lists the zone's cache servers
+    (``host:port``), asked before the blob store.
     """
 
     store: str | None = None
@@ -151,12 +153,21 @@ def _is_imagefs_mount(mountpoint: str) -> bool:
 
 def _check_mountpoint(mountpoint: str) -> str:
     mp = os.path.realpath(mountpoint)
-    if not os.path.exists(mp):
-        raise MountError(f"mountpoint {mountpoint}: no such directory")
-    if not os.path.isdir(mp):
-        raise MountError(f"mountpoint {mountpoint}: not a directory")
-    if _is_imagefs_mount(mp):
+    if _mounted_at(mp):
+        try:  # opening the root is never answered from the kernel's caches
+            os.close(os.open(mp, os.O_RDONLY | os.O_DIRECTORY))
+        except OSError as e:  # ENOTCONN: its daemon died without unmounting
+            raise MountError(f"mountpoint {mountpoint}: a dead imagefs mount is there ({e.strerror}); "
+                             f"remove it with 'imagefs umount {mountpoint}'") from None
         raise MountError(f"mountpoint {mountpoint}: an imagefs image is already mounted there")
+    try:
+        st = os.stat(mp)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint}: no such directory") from None
+    except OSError as e:
+        raise MountError(f"mountpoint {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mountpoint}: not a directory")
     return mp
 
 
@@ -178,8 +189,9 @@ def _open_image(image: str, opts: MountOptions) -> tuple[Any, Any]:
 
 
 def _open_reader(store: Any, opts: MountOptions) -> tuple[Any, Any]:
-    """The read-through chunk chain (memory, then SSD unless disabled, then the store)
-    and the SSD tier it uses (None), which the caller closes."""
+    """The read-through chunk chain (memory, then SSD unless disabled, then the AZ cache
+    servers if any, then the store) and the SSD tier it uses (or None), which the caller
+    closes. The AZ servers' shared secret comes from ``$IMAGEFS_CACHE_SECRET``."""
     from cache.blobtier import BlobTier
     from cache.chain import ChunkChain
     from cache.memory import MemoryTier
@@ -192,7 +204,17 @@ def _open_reader(store: Any, opts: MountOptions) -> tuple[Any, Any]:
             ssd = SSDTier(directory, opts.cache_size)
         except Exception as e:  # OSError, lmdb.Error: either way the cache is unusable
             raise MountError(f"cache directory {directory}: cannot open the SSD cache: {e}") from e
-    return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size)), ssd
+    remote: list[Any] = []
+    if opts.az_cache:
+        from cache.azclient import AZCacheTier
+
+        try:
+            remote.append(AZCacheTier(list(opts.az_cache), secret=os.environ.get(CACHE_SECRET_ENV)))
+        except ValueError as e:
+            if ssd is not None:
+                ssd.close()
+            raise MountError(f"--az-cache {','.join(opts.az_cache)}: {e}") from e
+    return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size), remote_tiers=remote), ssd
 
 
 def fault_hook_from_env() -> Callable[[str], None] | None:
@@ -374,7 +396,7 @@ class _Daemon:
         return out
 
     def _write_record(self) -> None:
-        record = {"pid": os.getpid(), "image": self.image, "digest": self.digest,
+        record = {"pid": os.getpid(), "start_time": _start_time(os.getpid()), "image": self.image, "digest": self.digest,
                   "mountpoint": self.paths.mountpoint, "socket": self.paths.socket, "log": self.paths.log}
         tmp = self.paths.record + ".tmp"
         with open(tmp, "w") as f:
@@ -498,12 +520,31 @@ def _stop_daemon(pid: int, mountpoint: str) -> None:
         subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
 
 
-def _daemon_pid(mountpoint: str) -> int | None:
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot): with the pid, it names
+    one process for good, even after the pid is reused."""
     try:
-        with open(RunPaths.of(mountpoint).record) as f:
-            return int(json.load(f)["pid"])
-    except (OSError, ValueError, KeyError):
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
+
+
+def _daemon_pid(paths: RunPaths) -> int | None:
+    """The pid of the daemon that recorded itself for ``paths``, if it is still that process."""
+    try:
+        with open(paths.record) as f:
+            record = json.load(f)
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if _start_time(pid) == record.get("start_time") else None
+
+
+def _remove_stale(paths: RunPaths) -> None:
+    for p in (paths.socket, paths.record):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
 
 
 def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
@@ -511,7 +552,8 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
     mp = os.path.realpath(mountpoint)
     if not _is_imagefs_mount(mp):
         raise MountError(f"{mountpoint}: not an imagefs mount")
-    pid = _daemon_pid(mp)
+    paths = RunPaths.of(mp)
+    pid = _daemon_pid(paths)
     res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     lazy = res.returncode != 0
     if lazy:
@@ -521,6 +563,7 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
         log.warning("%s: busy (%s); detached it, the daemon exits when the last open file closes",
                     mountpoint, res.stderr.strip())
     if pid is None or _wait_exit(pid, timeout):
+        _remove_stale(paths)  # the daemon removes them itself, unless it was killed
         return
     if lazy:
         return

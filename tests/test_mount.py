@@ -310,6 +310,22 @@ def test_mount_from_an_s3_store(env: str, seaweed: Any, monkeypatch: pytest.Monk
         assert blob["bytes"] >= len(BIG) // 2 and blob["requests"] <= 3  # ranged reads, not one per chunk
 
 
+def test_mount_through_an_az_cache_server(env: str, store: str) -> None:
+    from tests.support.cacheserver import start_cache_server
+
+    server = start_cache_server(os.path.join(env, "az"), store)
+    try:
+        opts = _opts(env, store, "az")
+        opts.az_cache = [f"127.0.0.1:{server.port}"]
+        with mounted("main", os.path.join(env, "mnt-az"), opts) as m:
+            with open(_p(m, "big"), "rb") as f:
+                assert f.read() == BIG
+            tiers = query_stats(m.path)["cache"]["tiers"]
+            assert tiers["az"]["hits"] >= 1 and tiers["blob"]["requests"] == 0
+    finally:
+        server.kill()
+
+
 # -- faults -------------------------------------------------------------------------------
 
 
@@ -388,6 +404,23 @@ def test_sigterm_unmounts_cleanly(env: str, store: str) -> None:
         assert not is_mounted(mp)
         assert os.listdir(mp) == []  # the empty directory again, not ENOTCONN
         assert not os.path.exists(RunPaths.of(mp).socket)
+
+
+def test_a_killed_daemon_leaves_a_dead_mount_that_umount_removes(env: str, store: str) -> None:
+    mp = os.path.join(env, "mnt-killed")
+    with mounted("main", mp, _opts(env, store, "killed")) as m:
+        os.kill(m.pid, signal.SIGKILL)
+        _reap(m.pid)
+        assert _errno(os.listdir, mp) == errno.ENOTCONN
+        with pytest.raises(MountError, match="dead imagefs mount"):
+            start_mount("main", mp, _opts(env, store, "killed"))
+        from imagefs.mount import unmount
+
+        unmount(mp)
+        assert not is_mounted(mp) and os.listdir(mp) == []
+        assert not os.path.exists(RunPaths.of(mp).record)
+    with mounted("main", mp, _opts(env, store, "killed")) as m:  # the mountpoint is usable again
+        assert os.path.getsize(_p(m, "big")) == len(BIG)
 
 
 # -- the command --------------------------------------------------------------------------
