@@ -107,11 +107,12 @@ def shape(dev: str, rate_mbit: float, ns: str | None = None) -> None:
     """Cap egress of ``dev`` at ``rate_mbit`` with one htb class that takes all traffic."""
     pre = ["ip", "netns", "exec", ns] if ns else []
     rate = f"{rate_mbit:g}mbit"
+    burst = f"{max(15, int(rate_mbit * 1e6 / 8 / 1000 / 1024))}k"  # what the rate sends in 1 ms
     # quantum: bytes a class may send per round; tc warns when r2q makes it huge, and
     # one GSO super-packet (64 KiB) per round is what a veth hands us anyway.
     _run([*pre, "tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1"])
     _run([*pre, "tc", "class", "replace", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
-          "rate", rate, "ceil", rate, "quantum", "65536"])
+          "rate", rate, "ceil", rate, "burst", burst, "cburst", burst, "quantum", "65536"])
 
 
 def qdisc_stats(dev: str, ns: str | None = None) -> dict[str, int]:

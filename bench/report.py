@@ -20,12 +20,13 @@ Schema ``imagefs-bench/coldstart``, version 1::
       exit_status (int|null),
       phases_s   {phase: seconds} with phases from resolve, pull, unpack, mount, start, run
       ready_s, start_s, total_s   seconds from t0 (null when the run failed early)
+      timed_out_s  seconds after which the run was stopped (null unless it timed out)
       links      {link: {connections, requests, bytes_up, bytes_down}}  (delay proxy counters)
       tiers      {tier: {requests, hits, misses, bytes, errors}}       (imagefs stats)
       workload_io {rchar, read_bytes, syscr, ...}  (/proc/<pid>/io of the workload)
       fuse       {ops_<op>: count, read_bytes?}                      (imagefs stats)
     summary[] one per (image, workload, scenario), from :func:`summarize`:
-      image, workload, scenario, n, ok,
+      image, workload, scenario, n, ok, errors[], timed_out_s (shortest timeout, or null),
       total_s, ready_s, start_s {median, p90}, phases_s {phase: median},
       link_bytes, link_requests, workload_rchar (medians over ok runs)
 
@@ -143,7 +144,7 @@ def validate(doc: Any) -> list[str]:
                     p.append(f"{w}.phases_s.{k}: unknown phase (known: {', '.join(PHASES)})")
                 elif not _is_num(v) or v < 0:
                     p.append(f"{w}.phases_s.{k}: expected a number >= 0")
-        for key in ("ready_s", "start_s", "total_s"):
+        for key in ("ready_s", "start_s", "total_s", "timed_out_s"):
             v = r.get(key)
             if v is None:
                 if r.get("ok") is True and key == "total_s":
@@ -188,9 +189,11 @@ def summarize(runs: Iterable[dict[str, Any]], scenario_order: Sequence[str] = ()
     for (image, workload, scenario) in sorted(groups, key=key):
         rs = groups[(image, workload, scenario)]
         ok = [r for r in rs if r.get("ok") and r.get("total_s") is not None]
+        timeouts = [float(r["timed_out_s"]) for r in rs if r.get("timed_out_s") is not None]
         entry: dict[str, Any] = {"image": image, "workload": workload, "scenario": scenario,
                                  "n": len(rs), "ok": len(ok),
-                                 "errors": sorted({str(r.get("error"))[:300] for r in rs if not r.get("ok")})}
+                                 "errors": sorted({str(r.get("error"))[:300] for r in rs if not r.get("ok")}),
+                                 "timed_out_s": min(timeouts) if timeouts else None}
         for field in ("total_s", "ready_s", "start_s"):
             vals = [float(r[field]) for r in ok if r.get(field) is not None]
             entry[field] = {"median": median(vals), "p90": p90(vals)} if vals else None
@@ -234,13 +237,19 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
         if e["scenario"] == "baseline" and total:
             vs = "1×"
         elif total and base and total["median"] > 0:
-            vs = f"{base / total['median']:.1f}× faster"
+            ratio = base / total["median"]
+            vs = f"{ratio:.1f}× faster" if ratio >= 1 else f"{1 / ratio:.1f}× slower"
+        elif base and e.get("timed_out_s"):
+            vs = f"> {e['timed_out_s'] / base:.0f}× slower"
         else:
             vs = "–"
+        exit_median = _secs(total["median"] if total else None)
+        if not total and e.get("timed_out_s"):
+            exit_median = f"> {e['timed_out_s']:.0f} (timeout)"
         requests = e.get("link_requests")
         row = (e["image"], e["workload"], e["scenario"],
                _secs(ready["median"] if ready else None), _secs(start["median"] if start else None),
-               _secs(total["median"] if total else None), _secs(total["p90"] if total else None), vs,
+               exit_median, _secs(total["p90"] if total else None), vs,
                _mib(e.get("link_bytes")), "–" if requests is None else f"{requests:.0f}",
                _mib(e.get("workload_rchar")), f"{e['ok']}/{e['n']}" + ("" if e["ok"] == e["n"] else " ⚠"))
         lines.append("| " + " | ".join(row) + " |")
@@ -328,7 +337,9 @@ def chart(summary: Sequence[dict[str, Any]], out: Path, title: str) -> None:
                 left = [a + b for a, b in zip(left, widths)]
         for y, (e, x) in enumerate(zip(entries, left)):
             t = e.get("total_s")
-            ax.text(x, y, f" {t['median']:.2f}s" if t else " failed", va="center", fontsize=8)
+            label = f" {t['median']:.2f}s" if t else (f" > {e['timed_out_s']:.0f}s (timed out)"
+                                                      if e.get("timed_out_s") else " failed")
+            ax.text(x, y, label, va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{image}: {workload}", fontsize=10, loc="left")
         ax.set_xlabel("seconds (median per phase)")

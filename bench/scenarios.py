@@ -40,9 +40,10 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,18 +147,29 @@ class RunResult:
     tiers: dict[str, dict[str, int]] = field(default_factory=dict)
     workload_io: dict[str, int] = field(default_factory=dict)
     fuse: dict[str, int] = field(default_factory=dict)
+    timed_out_s: float | None = None  # the run was stopped after this many seconds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fail(self, error: str) -> "RunResult":
+    def fail(self, error: str | BaseException) -> "RunResult":
         self.ok = False
-        self.error = error[-2000:]
+        self.error = str(error)[-2000:]
+        if isinstance(error, ScenarioTimeout):
+            self.timed_out_s = round(error.after, 1)
         return self
 
 
 class ScenarioError(RuntimeError):
     """A step of a scenario failed; the message says which and why."""
+
+
+class ScenarioTimeout(ScenarioError):
+    """The container did not exit in time (``after`` seconds from t0)."""
+
+    def __init__(self, message: str, after: float) -> None:
+        super().__init__(message)
+        self.after = after
 
 
 # --------------------------------------------------------------------------- helpers
@@ -238,8 +250,12 @@ class ContainerOutcome:
 
 
 def run_container(ctx: Context, lower: Path, image_cfg: dict[str, Any], argv: Sequence[str], t0: float,
-                  timeout: float) -> ContainerOutcome:
-    """overlay over ``lower`` + runc config from ``image_cfg`` + ``runc run``; times from ``t0``."""
+                  timeout: float, abort: Callable[[], None] | None = None) -> ContainerOutcome:
+    """overlay over ``lower`` + runc config from ``image_cfg`` + ``runc run``; times from ``t0``.
+
+    On timeout, ``abort`` (if given) is called first: it kills the FUSE daemon under
+    ``lower``, so that processes blocked in its reads fail at once and can be killed.
+    """
     from imagefs.run import overlay
     from imagefs.runtime_config import RunSpec, runtime_config
 
@@ -266,7 +282,9 @@ def run_container(ctx: Context, lower: Path, image_cfg: dict[str, Any], argv: Se
                         if start_s is None and pid_file.exists():
                             start_s = now - t0
                         if now > deadline:
-                            raise ScenarioError(f"container did not exit within {timeout:.0f}s")
+                            if abort is not None:
+                                abort()
+                            raise ScenarioTimeout(f"container did not exit within {timeout:.0f}s", now - t0)
                         time.sleep(0.001 if start_s is None else 0.005)
                 finally:
                     if proc.poll() is None:
@@ -347,7 +365,7 @@ def run_baseline(ctx: Context, img: ImageAssets, wl: Workload, rep: int) -> RunR
         _finish(res, t0, t_ready, c)
         res.links = ctx.link_stats(["registry"])
     except ScenarioError as e:
-        res.fail(str(e))
+        res.fail(e)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return res
@@ -383,6 +401,12 @@ def imagefs_stats(mp: Path) -> dict[str, Any]:
     return json.loads(_check([tool("imagefs"), "stats", "--json", str(mp)], "imagefs stats", 30))
 
 
+def imagefs_kill(mp: Path) -> None:
+    """SIGKILL the daemon serving ``mp`` (a timed-out run; the mount is cleaned up after)."""
+    with contextlib.suppress(ScenarioError, ValueError, KeyError, ProcessLookupError):
+        os.kill(int(imagefs_stats(mp)["pid"]), signal.SIGKILL)
+
+
 def imagefs_umount(mp: Path) -> None:
     try:
         _check([tool("imagefs"), "umount", str(mp)], "imagefs umount", 60)
@@ -415,14 +439,14 @@ def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, r
             imagefs_mount(ctx, img.store_name, mp, cache_dir, az)
         t_ready = time.monotonic()
         res.phases_s.update(resolve=t_resolved - t0, mount=t_ready - t_resolved)
-        c = run_container(ctx, mp, image_cfg, wl.argv, t0, ctx.run_timeout_s)
+        c = run_container(ctx, mp, image_cfg, wl.argv, t0, ctx.run_timeout_s, abort=lambda: imagefs_kill(mp))
         _finish(res, t0, t_ready, c)
         res.links = ctx.link_stats(["blob", "az"] if az else ["blob"])
         stats = _diff(imagefs_stats(mp), before)
         res.tiers = tiers_from_stats(stats)
         res.fuse = fuse_from_stats(stats)
     except ScenarioError as e:
-        res.fail(str(e))
+        res.fail(e)
     except Exception as e:  # the store client raising: keep the matrix going, say what
         res.fail(f"{type(e).__name__}: {e}")
     return res
@@ -491,6 +515,11 @@ def _wait_mounted(mp: Path, proc: subprocess.Popen[bytes], timeout: float, what:
         time.sleep(0.002)
 
 
+def _killpg(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _stop_fuse_daemon(mp: Path, proc: subprocess.Popen[bytes]) -> None:
     force_unmount(mp)
     if proc.poll() is None:
@@ -520,10 +549,12 @@ def _peer_run(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, rep: 
             _wait_mounted(mp, proc, 60, scenario)
             t_ready = time.monotonic()
             res.phases_s["mount"] = t_ready - t0
-            c = run_container(ctx, mp, img.config, wl.argv, t0, timeout)
+            daemon = proc
+            c = run_container(ctx, mp, img.config, wl.argv, t0, timeout,
+                              abort=lambda: _killpg(daemon))
             _finish(res, t0, t_ready, c)
         except ScenarioError as e:
-            res.fail(str(e))
+            res.fail(e)
         finally:
             if proc is not None:
                 _stop_fuse_daemon(mp, proc)

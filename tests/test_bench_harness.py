@@ -207,6 +207,7 @@ def test_schema_accepts_what_the_bench_writes(tmp_path: Path) -> None:
     (lambda d: d["runs"][0]["links"]["blob"].update(requests="many"), "runs[0].links.blob.requests"),
     (lambda d: d["runs"][0]["workload_io"].update(rchar=float("nan")), "runs[0].workload_io.rchar"),
     (lambda d: d.update(runs={}), "runs"),
+    (lambda d: d["runs"][0].update(timed_out_s="long"), "runs[0].timed_out_s"),
 ])
 def test_schema_rejects(mutate: Any, complaint: str) -> None:
     doc = _doc([_run("baseline", 10.0)])
@@ -238,7 +239,10 @@ def test_summary_medians_over_ok_runs_only() -> None:
 
 
 def test_markdown_table() -> None:
-    runs = [_run("baseline", 10.0), _run("imagefs-cold", 2.0), _run("casync", None, ok=False)]
+    timed_out = _run("casync", None, ok=False)
+    timed_out["timed_out_s"] = 40.0
+    runs = [_run("baseline", 10.0), _run("imagefs-cold", 2.0), _run("imagefs-az", 20.0),
+            _run("squashfuse", None, ok=False), timed_out]
     table = report.markdown_table(report.summarize(runs, scenarios.SCENARIOS))
     assert table.splitlines() == [
         "| image | workload | scenario | ready s | start s | exit s (median) | exit s (p90) | vs baseline "
@@ -246,7 +250,9 @@ def test_markdown_table() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         "| numpy | import numpy | baseline | 5.00 | 5.10 | 10.0 | 10.0 | 1× | 3.0 | 10 | 2.0 | 1/1 |",
         "| numpy | import numpy | imagefs-cold | 1.00 | 1.10 | 2.00 | 2.00 | 5.0× faster | 3.0 | 10 | 2.0 | 1/1 |",
-        "| numpy | import numpy | casync | – | – | – | – | – | – | – | – | 0/1 ⚠ |",
+        "| numpy | import numpy | imagefs-az | 10.0 | 10.1 | 20.0 | 20.0 | 2.0× slower | 3.0 | 10 | 2.0 | 1/1 |",
+        "| numpy | import numpy | squashfuse | – | – | – | – | – | – | – | – | 0/1 ⚠ |",
+        "| numpy | import numpy | casync | – | – | > 40 (timeout) | – | > 4× slower | – | – | – | 0/1 ⚠ |",
     ]
 
 
