@@ -364,12 +364,18 @@ class _Daemon:
     async def _stats_server(self, task_status: Any) -> None:
         import trio
 
-        os.makedirs(os.path.dirname(self.paths.socket), mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.paths.socket)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(self.paths.socket)
-        sock.listen(16)
+        try:
+            os.makedirs(os.path.dirname(self.paths.socket), mode=0o755, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.socket)
+            await sock.bind(self.paths.socket)
+            sock.listen(16)
+        except OSError as e:  # no stats is no reason to refuse the mount
+            sock.close()
+            log.warning("no stats socket at %s: %s", self.paths.socket, e)
+            task_status.started()
+            return
         listener = trio.SocketListener(sock)
 
         async def answer(stream: trio.SocketStream) -> None:

@@ -22,7 +22,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, overload
 
 import trio
 
@@ -49,6 +49,48 @@ def _runs(spans: Sequence[tuple[int, ChunkRef]]) -> Iterator[tuple[int, int]]:
             yield first, i
             first = i
     yield first, len(spans)
+
+
+class _Neighbours(Sequence[ChunkRef]):
+    """The neighbours of one chunk request, worked out only if the reader looks at them.
+
+    A memory hit (the common case once warm) never does, so it costs no index walk and
+    no ChunkRef objects. ``prefix`` are the rest of the read's own run; after them come
+    the file's chunks following ``last`` (when given), up to the VFS's window.
+    """
+
+    __slots__ = ("_vfs", "_ino", "_last", "_prefix", "_refs")
+
+    def __init__(self, vfs: "VFS", ino: int, last: tuple[int, ChunkRef] | None,
+                 prefix: Sequence[ChunkRef] = ()) -> None:
+        self._vfs = vfs
+        self._ino = ino
+        self._last = last
+        self._prefix = prefix
+        self._refs: list[ChunkRef] | None = None
+
+    def _get(self) -> list[ChunkRef]:
+        if self._refs is None:
+            refs = list(self._prefix)
+            if self._last is not None:
+                refs += self._vfs.neighbours_after(self._ino, self._last)
+            self._refs = refs
+        return self._refs
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    @overload
+    def __getitem__(self, i: int) -> ChunkRef: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ChunkRef]: ...
+
+    def __getitem__(self, i: int | slice) -> ChunkRef | list[ChunkRef]:
+        return self._get()[i]
+
+    def __iter__(self) -> Iterator[ChunkRef]:
+        return iter(self._get())
 
 
 class VFSError(Exception):
@@ -218,32 +260,38 @@ class VFS:
         EIO, with a log line naming the image, the file and the chunk, when a chunk
         cannot be had from any tier.
         """
-        attrs = self.getattr(ino)
-        if not stat.S_ISREG(attrs.mode):
-            raise VFSError(errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL, f"inode {ino} is not a file")
+        try:
+            node = self.index.inode(ino)
+        except KeyError:
+            raise VFSError(errno.ENOENT, f"no inode {ino}") from None
+        if not stat.S_ISREG(node.mode):
+            raise VFSError(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL, f"inode {ino} is not a file")
         if offset < 0:
             raise VFSError(errno.EINVAL, "negative offset")
-        size = min(size, attrs.size - offset)
+        size = min(size, node.size - offset)
         if size <= 0:
             return b""
         spans = self.index.chunks_for_range(ino, offset, size)
         if not spans:
             return b""
         end = offset + size
-        neighbours = self._neighbours(ino, spans[-1], end)
         if len(spans) == 1:
             foff, ref = spans[0]
-            data = await self._fetch(ino, ref, neighbours)
+            data = await self._fetch(ino, ref, _Neighbours(self, ino, spans[0]))
             lo, hi = offset - foff, end - foff
             return data if lo == 0 and hi >= len(data) else data[lo:hi]
         results: list[bytes | BaseException | None] = [None] * len(spans)
 
-        async def fetch_run(first: int, last: int, tail_neighbours: Sequence[ChunkRef]) -> None:
+        async def fetch_run(first: int, last: int) -> None:
             # The head of a run names the rest of it as neighbours, so one ranged read
             # brings the whole run; the rest are then memory hits (or joined fetches).
+            # Only the last run looks past the read, into the rest of the file.
+            tail = spans[-1] if last == len(spans) else None
             for i in range(first, last):
                 ref = spans[i][1]
-                nbrs = [r for _o, r in spans[i + 1: last]] + list(tail_neighbours) if i == first else ()
+                nbrs: Sequence[ChunkRef] = ()
+                if i == first:
+                    nbrs = _Neighbours(self, ino, tail, [r for _o, r in spans[first + 1: last]])
                 try:
                     results[i] = await self.reader.get(ref, nbrs)
                 except Exception as e:  # reported below, once per chunk, as EIO
@@ -251,7 +299,7 @@ class VFS:
 
         async with trio.open_nursery() as nursery:
             for first, last in _runs(spans):
-                nursery.start_soon(fetch_run, first, last, neighbours if last == len(spans) else ())
+                nursery.start_soon(fetch_run, first, last)
         parts: list[bytes | memoryview] = []
         failed: VFSError | None = None
         for (foff, ref), got in zip(spans, results):
@@ -278,7 +326,7 @@ class VFS:
         log.error("image %s: %s: %s: cannot be read: %s", self.name, path, ref, error or "no data")
         return VFSError(errno.EIO, f"{path}: {ref}: {error}")
 
-    def _neighbours(self, ino: int, last: tuple[int, ChunkRef], end: int) -> list[ChunkRef]:
+    def neighbours_after(self, ino: int, last: tuple[int, ChunkRef]) -> list[ChunkRef]:
         """The file's chunks after ``last`` that follow it directly in the same pack,
         up to the window: what one ranged read can bring along."""
         if self.neighbour_window == 0:
