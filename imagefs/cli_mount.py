@@ -12,9 +12,12 @@ import json
 import logging
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagefs.cli import CLIError, add_store_options
+
+if TYPE_CHECKING:
+    from imagefs.mount import MountOptions
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -51,7 +54,7 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="a cache server in this zone (repeatable)")
 
 
-def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":  # noqa: F821
+def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
     from imagefs.mount import MountOptions
 
     opts = MountOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,

@@ -27,7 +27,7 @@ from imagefs.cli_mount import parse_size
 from imagefs.mount import FAULT_ENV, MountError, MountOptions, RunPaths, find_mounts, query_stats, start_mount
 from indexer.build import build_image
 from tests.support.images import write_oci_layout
-from tests.support.mounts import MTIME_NS, ImageBuilder, Mount, _reap, force_unmount, is_mounted, mounted
+from tests.support.mounts import MTIME_NS, ImageBuilder, Mount, force_unmount, is_mounted, mounted, reap_daemon
 from tests.support.reference import dir_entries, reference_tree
 from tests.support.tars import feature_layers
 
@@ -400,7 +400,7 @@ def test_sigterm_unmounts_cleanly(env: str, store: str) -> None:
         with open(_p(m, "etc/passwd"), "rb") as f:
             assert f.read() == b"root:x:0:0\n"
         os.kill(m.pid, signal.SIGTERM)
-        _reap(m.pid)
+        reap_daemon(m.pid)
         assert not is_mounted(mp)
         assert os.listdir(mp) == []  # the empty directory again, not ENOTCONN
         assert not os.path.exists(RunPaths.of(mp).socket)
@@ -410,7 +410,7 @@ def test_a_killed_daemon_leaves_a_dead_mount_that_umount_removes(env: str, store
     mp = os.path.join(env, "mnt-killed")
     with mounted("main", mp, _opts(env, store, "killed")) as m:
         os.kill(m.pid, signal.SIGKILL)
-        _reap(m.pid)
+        reap_daemon(m.pid)
         assert _errno(os.listdir, mp) == errno.ENOTCONN
         with pytest.raises(MountError, match="dead imagefs mount"):
             start_mount("main", mp, _opts(env, store, "killed"))

@@ -178,7 +178,8 @@ def force_unmount(path: str) -> None:
         subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, timeout=30)
 
 
-def _reap(pid: int, timeout: float = 10.0) -> None:
+def reap_daemon(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a daemon to exit (reaping it if it is our child); SIGKILL it after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -216,4 +217,4 @@ def mounted(image: str, mountpoint: str, opts: "MountOptions") -> Iterator[Mount
                 unmount(mountpoint)
         finally:
             force_unmount(mountpoint)
-            _reap(pid)
+            reap_daemon(pid)
