@@ -554,7 +554,12 @@ def _remove_stale(paths: RunPaths) -> None:
 
 
 def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
-    """Unmount an imagefs mount (lazily if it is busy) and wait for its daemon to exit."""
+    """Unmount an imagefs mount (lazily if it is busy) and wait for its daemon to exit.
+
+    A daemon still running ``timeout`` s after a clean unmount is terminated: the mount
+    lives on only as a copy in another mount namespace (a container or ``unshare -m``
+    started while it was mounted), which keeps the FUSE session open.
+    """
     mp = os.path.realpath(mountpoint)
     if not _is_imagefs_mount(mp):
         raise MountError(f"{mountpoint}: not an imagefs mount")
