@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import Sequence
 
@@ -28,6 +29,26 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.code = code
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``10G``, ``512M``, ``1.5GiB`` or ``4096`` (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"invalid size {text!r} (use a number with an optional K, M, G, T or P suffix, e.g. 10G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def size_arg(text: str) -> int:
+    """``parse_size`` as an argparse ``type``: a bad size is a usage error."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_store_options(p: argparse.ArgumentParser) -> None:

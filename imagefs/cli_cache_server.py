@@ -13,24 +13,13 @@ import argparse
 import functools
 import logging
 import os
-import re
 import sys
 
-from imagefs.cli import CLIError, add_store_options
+from imagefs.cli import CLIError, add_store_options, parse_size
 
 SECRET_ENV = "IMAGEFS_CACHE_SECRET"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 log = logging.getLogger("imagefs.cache_server")
-
-
-def parse_size(text: str) -> int:
-    """``10G``, ``512M``, ``1.5GiB``, ``4096`` -> bytes (binary multiples)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"{text!r}: expected a size such as 512M or 10G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def read_secret(path: str | None) -> bytes | None:
@@ -84,7 +73,7 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
     try:
         max_bytes = parse_size(args.max_size)
     except ValueError as e:
-        raise CLIError(f"--max-size {e}") from None
+        raise CLIError(f"--max-size: {e}") from None
     if max_bytes <= 0:
         raise CLIError(f"--max-size {args.max_size!r}: must be more than 0")
     if args.grace < 0:

@@ -10,33 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from typing import TYPE_CHECKING, Any
 
-from imagefs.cli import CLIError, add_store_options
+from imagefs.cli import CLIError, add_store_options, parse_size, size_arg
 
 if TYPE_CHECKING:
     from imagefs.mount import MountOptions
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as ``10G``, ``512M``, ``1.5GiB`` or ``4096`` (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"invalid size {text!r} (use a number with an optional K, M, G or T suffix, e.g. 10G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def add_mount_options(p: argparse.ArgumentParser) -> None:
     """Store and cache options for any command that mounts an image."""
@@ -46,9 +26,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cache")
     g.add_argument("--cache-dir", metavar="DIR",
                    help=f"local SSD chunk cache, shared by mounts (default: {default_cache_dir()})")
-    g.add_argument("--cache-size", metavar="SIZE", type=_size_arg, default=None,
+    g.add_argument("--cache-size", metavar="SIZE", type=size_arg, default=None,
                    help="bound of the SSD cache, e.g. 10G or 512M; 0 disables it (default: 10G)")
-    g.add_argument("--memory-size", metavar="SIZE", type=_size_arg, default=None,
+    g.add_argument("--memory-size", metavar="SIZE", type=size_arg, default=None,
                    help="bound of the in-memory chunk cache of one mount (default: 512M)")
     g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
                    help="a cache server in this zone (repeatable)")

@@ -343,7 +343,7 @@ def test_command_line_errors_and_secret_from_the_environment(tmp_path: Path,
     base = [sys.executable, "-c", entry, "cache-server", "--store", store.root, "--dir", str(tmp_path / "c")]
     env = {k: v for k, v in os.environ.items() if k != "IMAGEFS_CACHE_SECRET"}
     for extra, message in ((["--listen", "nowhere", "--max-size", "1G"], "--listen 'nowhere': expected HOST:PORT"),
-                           (["--listen", "127.0.0.1:0", "--max-size", "10X"], "--max-size '10X'"),
+                           (["--listen", "127.0.0.1:0", "--max-size", "10X"], "--max-size: invalid size '10X'"),
                            (["--listen", "127.0.0.1:0", "--max-size", "1G", "--secret-file", str(tmp_path / "no")],
                             "--secret-file")):
         res = subprocess.run(base + extra, capture_output=True, text=True, timeout=30, env=env)
