@@ -20,7 +20,9 @@ EXIT_ERROR = 1  # the operation failed (bad input, unreachable store, ...)
 EXIT_USAGE = 2  # argparse's convention for bad arguments
 EXIT_INTERRUPTED = 130
 
-COMMAND_MODULES = ["imagefs.cli_index", "imagefs.cli_mount", "imagefs.cli_run", "imagefs.cli_cache_server"]
+COMMAND_MODULES = [
+    "imagefs.cli_index", "imagefs.cli_mount", "imagefs.cli_agent", "imagefs.cli_run", "imagefs.cli_cache_server",
+]
 
 
 class CLIError(Exception):

@@ -432,43 +432,65 @@ def _log_tail(path: str, lines: int = 5) -> str:
 
 
 def start_mount(image: str, mountpoint: str, opts: MountOptions, *, timeout: float = 30.0,
-                log_level: int = logging.INFO) -> int:
+                log_level: int = logging.INFO, use_agent: bool = True) -> int:
     """Start a daemon serving ``image`` at ``mountpoint``; return its pid once the mount
-    answers. Raises :class:`MountError` with the daemon's own message if it cannot."""
+    answers. Raises :class:`MountError` with the daemon's own message if it cannot.
+
+    The daemon is forked by the host agent (``imagefs agent``) when one answers, which
+    skips starting Python and importing the read path; otherwise it is spawned.
+    """
     mp = _check_mountpoint(mountpoint)
     paths = RunPaths.of(mp)
     os.makedirs(os.path.dirname(paths.log), mode=0o755, exist_ok=True)
+    with open(paths.log, "ab") as logf:
+        logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} mount {image} at {mp}\n".encode())
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "imagefs.mount", "--ready-fd", str(w), "--options", opts.to_json(),
-           "--log-level", str(log_level), image, mp]
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
     try:
-        with open(paths.log, "ab") as logf:
-            logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} mount {image} at {mp}\n".encode())
-            logf.flush()
-            proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    start_new_session=True, cwd="/")
-    except OSError as e:
-        os.close(r)
-        raise MountError(f"cannot start the mount daemon: {e}") from e
+        if use_agent:
+            from imagefs.agent import AgentUnavailable, request_mount
+
+            try:
+                pid = request_mount(image, mp, opts, w, paths.log, log_level)
+            except AgentUnavailable as e:
+                log.debug("%s; spawning a mount daemon", e)
+        if pid is None:
+            proc = _spawn_daemon(image, mp, opts, w, paths.log, log_level)
+            pid = proc.pid
     finally:
         os.close(w)
-    _children[proc.pid] = proc
+    if proc is not None:
+        _children[pid] = proc
     try:
-        message = _wait_ready(r, proc, timeout)
+        message = _wait_ready(r, pid, timeout)
     finally:
         os.close(r)
     if message == READY:
-        return proc.pid
-    _stop_daemon(proc.pid, mp)
+        return pid
+    _stop_daemon(pid, mp)
     if message.startswith(ERROR_PREFIX):
         raise MountError(message[len(ERROR_PREFIX):].decode(errors="replace").strip())
     if message == b"":
-        raise MountError(f"mount daemon for {image} exited with status {proc.returncode} before the mount "
+        status = f" with status {proc.returncode}" if proc is not None and proc.returncode is not None else ""
+        raise MountError(f"mount daemon for {image} exited{status} before the mount "
                          f"answered: {_log_tail(paths.log) or 'no output'} (log: {paths.log})")
     raise MountError(f"{mountpoint}: the mount did not answer within {timeout:g}s (log: {paths.log})")
 
 
-def _wait_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+def _spawn_daemon(image: str, mp: str, opts: MountOptions, ready_fd: int, log_path: str,
+                  log_level: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "imagefs.mount", "--ready-fd", str(ready_fd), "--options", opts.to_json(),
+           "--log-level", str(log_level), image, mp]
+    try:
+        with open(log_path, "ab") as logf:
+            return subprocess.Popen(cmd, pass_fds=(ready_fd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    start_new_session=True, cwd="/")
+    except OSError as e:
+        raise MountError(f"cannot start the mount daemon: {e}") from e
+
+
+def _wait_ready(fd: int, pid: int, timeout: float) -> bytes:
     """The daemon's one-line answer; b'' if it exited silently, b'timeout' on timeout."""
     deadline = time.monotonic() + timeout
     buf = b""
@@ -478,12 +500,12 @@ def _wait_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes
             return b"timeout"
         ready, _, _ = select.select([fd], [], [], min(left, 0.5))
         if not ready:
-            if proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
+            if not _alive(pid) and not select.select([fd], [], [], 0)[0]:
                 return b""
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _wait_exit(pid, max(0.1, deadline - time.monotonic()))
             return buf if buf.endswith(b"\n") else b""
         buf += chunk
         if buf.endswith(b"\n"):
