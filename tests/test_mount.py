@@ -329,6 +329,50 @@ def test_mount_through_an_az_cache_server(env: str, store: str) -> None:
 # -- faults -------------------------------------------------------------------------------
 
 
+def test_a_tiny_cache_still_returns_the_right_bytes(env: str, store: str) -> None:
+    """SSD tier and memory far smaller than what is read: everything evicts, nothing is wrong."""
+    opts = MountOptions(store=store, cache_dir=os.path.join(env, "cache-tiny"), cache_size=3 * CS,
+                        memory_size=2 * CS)
+    with mounted("main", os.path.join(env, "mnt-tiny"), opts) as m:
+        for _round in range(2):
+            for i, data in enumerate(PAR):
+                with open(_p(m, f"par/f{i:02d}"), "rb") as f:
+                    assert f.read() == data
+            with open(_p(m, "big"), "rb") as f:
+                assert f.read() == BIG
+            # Drop the kernel's copies so the second round goes through the tiers again.
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3")
+        cache = query_stats(m.path)["cache"]
+    ssd_dir = os.path.join(env, "cache-tiny", "chunks")
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ssd_dir) for f in fs)
+    assert on_disk <= 3 * CS
+    assert cache["tiers"]["ssd"]["evictions"] > 0 and cache["tiers"]["memory"]["evictions"] > 0
+
+
+def test_a_corrupted_chunk_on_the_ssd_tier_is_detected_and_fetched_again(env: str, store: str) -> None:
+    cache_dir = os.path.join(env, "cache-rot")
+    opts = MountOptions(store=store, cache_dir=cache_dir, cache_size=1 << 30, memory_size=64 << 20)
+    with mounted("main", os.path.join(env, "mnt-rot"), opts) as m:  # fill the SSD tier
+        with open(_p(m, "big"), "rb") as f:
+            assert f.read() == BIG
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(cache_dir, "chunks")) for f in fs]
+    assert files, "the first mount left nothing on the SSD tier"
+    for path in files:  # rot every cached chunk in place
+        with open(path, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+    with mounted("main", os.path.join(env, "mnt-rot"), opts) as m:
+        with open(_p(m, "big"), "rb") as f:
+            assert f.read() == BIG  # served from the store, not the rotten copies
+        tiers = query_stats(m.path)["cache"]["tiers"]
+    assert tiers["ssd"]["corrupt"] > 0 and tiers["ssd"]["hits"] == 0  # every rotten copy was caught
+    assert tiers["blob"]["requests"] > 0  # and fetched again from the store
+
+
 def test_an_unexpected_exception_in_a_handler_is_eio_and_the_mount_lives(
         env: str, store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "readlink,listxattr")
