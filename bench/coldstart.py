@@ -223,6 +223,8 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("PRETTY_NAME="):
                 osname = line.split("=", 1)[1].strip('"')
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
+                            "imagefs", "indexer", "cache"], capture_output=True, text=True)
 
     def version(argv: list[str]) -> str:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -232,7 +234,8 @@ def machine_info() -> dict[str, Any]:
 
     return {"hostname": socket.gethostname(), "kernel": platform.release(), "os": osname,
             "cpus": os.cpu_count() or 0, "memory_gib": round(mem_kb / (1 << 20), 1),
-            "python": platform.python_version(), "commit": commit.stdout.strip(),
+            "python": platform.python_version(),
+            "commit": commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else ""),
             "tools": {"skopeo": version(["skopeo", "--version"]), "umoci": version(["umoci", "--version"]),
                       "runc": version(["runc", "--version"]), "casync": version(["casync", "--version"]),
                       "squashfuse": version(["squashfuse", "--version"]),
@@ -252,52 +255,71 @@ def _describe(r: RunResult) -> str:
             f"read {r.workload_io.get('rchar', 0) / (1 << 20):.1f} MiB")
 
 
-def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence[Workload],
-               wanted: Sequence[str], repeat: int, deadline: float | None) -> list[RunResult]:
-    """Every (image, workload): AZ warm-up, then ``repeat`` rounds of every scenario.
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text)
 
-    A peer that ran out of time on an image is not run again on it (the next workload
-    reads more, the next repeat is as slow): its remaining runs are recorded as failed
-    with the reason, so the table shows them instead of hiding them.
+
+def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence[Workload],
+               wanted: Sequence[str], repeat: int, deadline: float | None, slow_s: float,
+               warmups: list[RunResult]) -> list[RunResult]:
+    """AZ warm-ups, then ``repeat`` rounds; each round runs every scenario of every
+    (image, workload), so a time budget cuts repeats, never coverage.
+
+    Budget rules, all logged: no new round starts after ``deadline``; a scenario whose
+    run took more than ``slow_s`` is not repeated for that (image, workload) (for the
+    cold run, the warm tiers are still repeated on the SSD cache it left); a peer that
+    timed out on an image is not run again on that image, its remaining runs recorded
+    as failed with the reason.
     """
     results: list[RunResult] = []
+    combos = [(name, wl) for name in assets for wl in workloads if wl.applies_to(name)]
     chain_head = next((s for s in wanted if s in CHAIN), None)
+    slow: set[tuple[str, str, str]] = set()
+    gave_up: dict[tuple[str, str], str] = {}  # (image, scenario) -> why
 
     def keep(rs: Sequence[RunResult]) -> None:
         for r in rs:
             results.append(r)
             log(f"{r.image} / {r.workload} / {r.scenario} #{r.repeat + 1}: {_describe(r)}")
+            if r.ok and r.total_s is not None and r.total_s > slow_s and r.repeat == 0:
+                slow.add((r.image, r.workload, r.scenario))
+                log(f"  (over {slow_s:.0f}s: not repeated)")
 
-    for name, img in assets.items():
-        timed_out: dict[str, str] = {}  # scenario -> why it is not run again on this image
-        for wl in workloads:
-            if not wl.applies_to(name):
-                continue
-            if "imagefs-az" in wanted and ctx.az is not None:
-                warm = scenarios.run_imagefs_az(ctx, img, wl, -1, warmup=True)
-                log(f"{name} / {wl.name} / AZ cache warm-up: {_describe(warm)}")
-            for rep in range(repeat):
-                if deadline is not None and time.monotonic() > deadline and rep > 0:
-                    log(f"time budget spent: {name} / {wl.name} stops after {rep} repeat(s)")
-                    break
-                for sc in wanted:
-                    if sc in timed_out:
-                        keep([RunResult(sc, name, wl.name, rep).fail(timed_out[sc])])
-                    elif sc == "baseline":
-                        keep([scenarios.run_baseline(ctx, img, wl, rep)])
-                    elif sc in CHAIN:
-                        if sc == chain_head:  # one chain (cold -> ssd -> page) records them all
-                            keep(scenarios.run_imagefs_chain(ctx, img, wl, rep, wanted))
-                    elif sc == "imagefs-az":
-                        keep([scenarios.run_imagefs_az(ctx, img, wl, rep)])
-                    elif sc == "squashfuse":
-                        keep([scenarios.run_squashfuse(ctx, img, wl, rep)])
-                    elif sc == "casync":
-                        r = scenarios.run_casync(ctx, img, wl, rep)
-                        keep([r])
-                        if r.timed_out_s is not None:
-                            timed_out[sc] = (f"not run: casync took over {ctx.peer_timeout_s:.0f}s on "
-                                             f"{name} / {wl.name} already")
+    if "imagefs-az" in wanted and ctx.az is not None:
+        for name in assets:  # warm with the heaviest workload: the others read a subset of it
+            wl = [w for w in workloads if w.applies_to(name)][-1]
+            warm = scenarios.run_imagefs_az(ctx, assets[name], wl, -1, warmup=True)
+            warmups.append(warm)
+            log(f"{name}: AZ cache warm-up with {wl.name}: {_describe(warm)}")
+
+    for rep in range(repeat):
+        if rep > 0 and deadline is not None and time.monotonic() > deadline:
+            log(f"time budget spent: stopping after {rep} round(s) of {repeat}")
+            break
+        for name, wl in combos:
+            img = assets[name]
+            for sc in wanted:
+                if (name, wl.name, sc) in slow:
+                    continue
+                if (name, sc) in gave_up:
+                    keep([RunResult(sc, name, wl.name, rep).fail(gave_up[(name, sc)])])
+                elif sc == "baseline":
+                    keep([scenarios.run_baseline(ctx, img, wl, rep)])
+                elif sc in CHAIN:
+                    if sc == chain_head:  # one chain (cold -> ssd -> page) records them all
+                        cache_dir = ctx.rundir / "ssd" / f"{name}-{_slug(wl.name)}"
+                        run_cold = (name, wl.name, "imagefs-cold") not in slow
+                        keep(scenarios.run_imagefs_chain(ctx, img, wl, rep, wanted, cache_dir, run_cold))
+                elif sc == "imagefs-az":
+                    keep([scenarios.run_imagefs_az(ctx, img, wl, rep)])
+                elif sc == "squashfuse":
+                    keep([scenarios.run_squashfuse(ctx, img, wl, rep)])
+                elif sc == "casync":
+                    r = scenarios.run_casync(ctx, img, wl, rep)
+                    keep([r])
+                    if r.timed_out_s is not None:
+                        gave_up[(name, sc)] = (f"not run: casync took over {ctx.peer_timeout_s:.0f}s on "
+                                               f"{name} / {wl.name} already")
     return results
 
 
@@ -327,8 +349,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workdir", help="bench work directory (default $IMAGEFS_BENCH_DIR, else /var/cache/imagefs-bench)")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     p.add_argument("--peer-timeout", type=float, help="seconds a casync run may take (default 60; quick: 30)")
-    p.add_argument("--budget", type=float, help="stop starting new repeats after this many seconds of matrix "
-                   "(default: none; quick: 150)")
+    p.add_argument("--budget", type=float, help="start no new round of repeats after this many seconds of "
+                   "matrix (default 660; quick: 150)")
+    p.add_argument("--slow", type=float, default=60.0,
+                   help="a run longer than this many seconds is not repeated (default 60)")
     p.add_argument("--az-cache-size", default="20G", help="the AZ cache server's --max-size (default 20G)")
     p.add_argument("--no-record", action="store_true", help="do not add the run to bench/RESULTS.md")
     args = p.parse_args(argv)
@@ -337,8 +361,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.workloads = "import numpy"
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.peer_timeout = args.peer_timeout or (30.0 if args.quick else 60.0)
-    if args.budget is None and args.quick:
-        args.budget = 150.0
+    if args.budget is None:
+        args.budget = 150.0 if args.quick else 660.0
     names = {w.name for w in scenarios.WORKLOADS}
     args.workloads = [w.strip() for w in args.workloads.split(",")] if args.workloads else sorted(names)
     unknown = set(args.workloads) - names
@@ -465,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeat": args.repeat, "quick": args.quick, "images": list(assets),
                 "workloads": {w.name: list(w.argv) for w in workloads}, "scenarios": wanted, "skipped": skipped,
                 "run_timeout_s": args.run_timeout, "peer_timeout_s": args.peer_timeout, "budget_s": args.budget,
+                "slow_s": args.slow,
                 "az_cache_size": args.az_cache_size,
                 "links": {"blob": f"host {blob_link.a.addr} <-> {blob_link.b.addr} (SeaweedFS S3, registry, casync store)",
                           "az": f"host {az_link.a.addr} <-> {az_link.b.addr} (imagefs cache-server)",
@@ -477,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("matrix: " + ", ".join(wanted) + f" x {len(workloads)} workload(s) x {args.repeat} repeat(s)")
             t_matrix = time.monotonic()
             deadline = t_matrix + args.budget if args.budget else None
-            runs = run_matrix(ctx, assets, workloads, wanted, args.repeat, deadline)
+            warmups: list[RunResult] = []
+            runs = run_matrix(ctx, assets, workloads, wanted, args.repeat, deadline, args.slow, warmups)
             settings["matrix_s"] = round(time.monotonic() - t_matrix, 1)
             settings["shaping_check"] = {name: link.qdisc_stats() for name, link in topo.links.items()}
             images_info = {name: {"layer_sizes": list(img.layer_sizes), "n_entries": img.n_entries,
@@ -494,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "started": started.isoformat(timespec="seconds"),
            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": machine_info(), "settings": settings, "images": images_info,
-           "runs": [r.to_dict() for r in runs]}
+           "runs": [r.to_dict() for r in runs], "warmups": [r.to_dict() for r in warmups]}
     doc["summary"] = report.summarize(doc["runs"], scenarios.SCENARIOS)
     write_outputs(doc, "quick" if args.quick else "full", record=not args.no_record)
     return 0 if all(r.ok for r in runs) else 1

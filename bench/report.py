@@ -25,6 +25,7 @@ Schema ``imagefs-bench/coldstart``, version 1::
       tiers      {tier: {requests, hits, misses, bytes, errors}}       (imagefs stats)
       workload_io {rchar, read_bytes, syscr, ...}  (/proc/<pid>/io of the workload)
       fuse       {ops_<op>: count, read_bytes?}                      (imagefs stats)
+    warmups[] (optional) unmeasured runs that filled the AZ cache server, same shape as runs
     summary[] one per (image, workload, scenario), from :func:`summarize`:
       image, workload, scenario, n, ok, errors[], timed_out_s (shortest timeout, or null),
       total_s, ready_s, start_s {median, p90}, phases_s {phase: median},
@@ -121,8 +122,11 @@ def validate(doc: Any) -> list[str]:
     if not isinstance(runs, list):
         p.append("runs: expected a list")
         runs = []
-    for i, r in enumerate(runs):
-        w = f"runs[{i}]"
+    warmups = doc.get("warmups", [])
+    if not isinstance(warmups, list):
+        p.append("warmups: expected a list")
+        warmups = []
+    for w, r in [(f"runs[{i}]", r) for i, r in enumerate(runs)] + [(f"warmups[{i}]", r) for i, r in enumerate(warmups)]:
         if not isinstance(r, dict):
             p.append(f"{w}: expected an object")
             continue

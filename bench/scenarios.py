@@ -452,14 +452,20 @@ def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, r
     return res
 
 
-def run_imagefs_chain(ctx: Context, img: ImageAssets, wl: Workload, rep: int,
-                      wanted: Sequence[str]) -> list[RunResult]:
-    """cold (fresh SSD dir) -> ssd (new mount, same dir) -> page (same mount), as asked."""
+def run_imagefs_chain(ctx: Context, img: ImageAssets, wl: Workload, rep: int, wanted: Sequence[str],
+                      cache_dir: Path, run_cold: bool = True) -> list[RunResult]:
+    """cold (fresh SSD dir) -> ssd (new mount, same dir) -> page (same mount), as asked.
+
+    ``run_cold=False`` skips the cold run and reuses ``cache_dir`` as an earlier cold
+    run of the same workload left it (a cold run too slow to repeat still lets the
+    warm tiers be measured again). The caller owns ``cache_dir``.
+    """
     out: list[RunResult] = []
-    cache_dir = ctx.rundir / "ssd" / f"chain-{secrets.token_hex(4)}"
-    cache_dir.mkdir(parents=True)
-    try:
-        with _mountpoint(ctx, f"imagefs-{img.name}") as mp:
+    if run_cold:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _mountpoint(ctx, f"imagefs-{img.name}") as mp:
+        if run_cold:
             try:
                 cold = _imagefs_once(ctx, "imagefs-cold", img, wl, rep, mp, cache_dir, az=False, drop=True,
                                      reuse_mount=False)
@@ -468,21 +474,21 @@ def run_imagefs_chain(ctx: Context, img: ImageAssets, wl: Workload, rep: int,
                     imagefs_umount(mp)
             if "imagefs-cold" in wanted:
                 out.append(cold)
-            if not cold.ok or not ({"imagefs-ssd", "imagefs-page"} & set(wanted)):
+            if not cold.ok:
                 return out
-            try:
-                ssd = _imagefs_once(ctx, "imagefs-ssd", img, wl, rep, mp, cache_dir, az=False, drop=True,
-                                    reuse_mount=False)
-                if "imagefs-ssd" in wanted:
-                    out.append(ssd)
-                if ssd.ok and "imagefs-page" in wanted:
-                    out.append(_imagefs_once(ctx, "imagefs-page", img, wl, rep, mp, cache_dir, az=False,
-                                             drop=False, reuse_mount=True))
-            finally:
-                if is_mounted(mp):
-                    imagefs_umount(mp)
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        if not {"imagefs-ssd", "imagefs-page"} & set(wanted):
+            return out
+        try:
+            ssd = _imagefs_once(ctx, "imagefs-ssd", img, wl, rep, mp, cache_dir, az=False, drop=True,
+                                reuse_mount=False)
+            if "imagefs-ssd" in wanted:
+                out.append(ssd)
+            if ssd.ok and "imagefs-page" in wanted:
+                out.append(_imagefs_once(ctx, "imagefs-page", img, wl, rep, mp, cache_dir, az=False,
+                                         drop=False, reuse_mount=True))
+        finally:
+            if is_mounted(mp):
+                imagefs_umount(mp)
     return out
 
 
