@@ -285,7 +285,7 @@ def errors_block(summary: Sequence[dict[str, Any]]) -> str:
 def markdown_report(doc: dict[str, Any], chart_name: str | None = None) -> str:
     parts = [f"Command: `{doc['command']}`  ",
              f"Date: {doc['started']} – {doc['finished']}  ",
-             f"Machine: {machine_line(doc)}  ",
+             f"Machine: {machine_line(doc)}; imagefs at commit {doc['machine'].get('commit', '?')}  ",
              f"Settings: {settings_line(doc)}", "",
              markdown_table(doc["summary"])]
     errs = errors_block(doc["summary"])
