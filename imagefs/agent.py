@@ -115,7 +115,18 @@ def _preload() -> None:
     import imagefs.fuse_ops  # noqa: F401
     import imagefs.readahead  # noqa: F401
     import imagefs.vfs  # noqa: F401
+    import imagefs.index_cache  # noqa: F401
+    import imagefs.prefetch  # noqa: F401
     import indexer.catalog  # noqa: F401
+
+    try:  # S3 stores: boto3 and the S3 service model load once here, not per mount
+        import boto3
+
+        import cache.s3store  # noqa: F401
+
+        boto3.session.Session().client("s3", region_name="us-east-1")
+    except Exception as e:  # only slower mounts from S3 stores
+        log.debug("boto3 not preloaded: %s", e)
 
 
 def _bind(path: str) -> socket.socket:

@@ -32,13 +32,16 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="bound of the in-memory chunk cache of one mount (default: 512M)")
     g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
                    help="a cache server in this zone (repeatable)")
+    g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="fetch only what is read; by default the image's chunks are brought to the SSD "
+                   "cache in the background, in layout order, after what readers ask for")
 
 
 def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
     from imagefs.mount import MountOptions
 
     opts = MountOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,
-                        az_cache=list(args.az_cache or []))
+                        az_cache=list(args.az_cache or []), prefetch=args.prefetch)
     if args.cache_size is not None:
         opts.cache_size = args.cache_size
     if args.memory_size is not None:

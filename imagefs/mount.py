@@ -87,6 +87,7 @@ class MountOptions:
     cache_size: int = 10 * GiB
     memory_size: int = 512 * MiB
     az_cache: list[str] = field(default_factory=list)
+    prefetch: bool = True  # bring the image's chunks to the SSD tier in the background
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -175,15 +176,18 @@ def _check_mountpoint(mountpoint: str) -> str:
 
 
 def _open_image(image: str, opts: MountOptions) -> tuple[Any, Any]:
-    """The store and the verified index of ``image``, or a MountError saying why not."""
+    """The store and the verified index of ``image``, or a MountError saying why not.
+    The index comes from the host's copy in the cache directory when there is one."""
     from cache.blobstore import BlobStoreError
     from cache.stores import StoreURLError, open_store
-    from indexer.catalog import ImageNotFound, InvalidImageName, open_image
+    from imagefs.index_cache import load_index
+    from indexer.catalog import ImageNotFound, InvalidImageName
     from indexer.format import IndexFormatError
 
     try:
         store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
-        return store, open_image(store, image)
+        cache_dir = (opts.cache_dir or default_cache_dir()) if opts.cache_size > 0 else None
+        return store, load_index(store, image, cache_dir)
     except (BlobStoreError, StoreURLError, ImageNotFound, InvalidImageName, IndexFormatError) as e:
         raise MountError(f"cannot mount {image}: {e}") from e
 
@@ -273,7 +277,9 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
         err = MountError(f"cannot mount {image} at {mountpoint}: FUSE mount failed ({e})")
         _write_ready(ready_fd, ERROR_PREFIX + str(err).encode() + b"\n")
         raise err from e
-    daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd)
+    # Prefetch into the SSD tier only, and never more than half of it.
+    budget = opts.cache_size // 2 if (opts.prefetch and ssd is not None) else 0
+    daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget)
     try:
         trio.run(daemon.run)
     finally:
@@ -291,7 +297,10 @@ class _Daemon:
     """The trio side of a mount: the FUSE loop, signals, stats and the readiness probe."""
 
     def __init__(self, image: str, digest: str, paths: RunPaths, ops: Any, reader: Any,
-                 ready_fd: int | None) -> None:
+                 ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0) -> None:
+        self.index = index
+        self.prefetch_budget = prefetch_budget
+        self.ready: Any = None  # a trio.Event, made inside the loop
         self.image = image
         self.digest = digest
         self.paths = paths
@@ -305,6 +314,7 @@ class _Daemon:
         import pyfuse3
         import trio
 
+        self.ready = trio.Event()
         async with trio.open_nursery() as nursery:
             async def fuse_main() -> None:
                 try:
@@ -318,6 +328,8 @@ class _Daemon:
                 await nursery.start(self._signals)
             await nursery.start(self._stats_server)
             nursery.start_soon(self._become_ready)
+            if self.prefetch_budget > 0 and self.index is not None:
+                nursery.start_soon(self._prefetch)
         # Unmounted: finish the SSD write-behind so the next mount finds what this one fetched.
         aclose = getattr(self.reader, "aclose", None)
         if aclose is not None:
@@ -325,6 +337,15 @@ class _Daemon:
                 await aclose()
             if scope.cancelled_caught:
                 log.warning("gave up writing the SSD cache after 30 s")
+
+    async def _prefetch(self) -> None:
+        from imagefs.prefetch import prefetch_image
+
+        await self.ready.wait()  # the mount answers first; prefetch never delays that
+        try:
+            await prefetch_image(self.index, self.reader, self.prefetch_budget)
+        except Exception:  # prefetch is an optimisation: it must never take the mount down
+            log.exception("prefetch failed")
 
     async def _become_ready(self) -> None:
         import trio
@@ -349,6 +370,7 @@ class _Daemon:
         self._write_record()
         log.info("mounted %s (%s) at %s", self.image, self.digest, self.paths.mountpoint)
         _write_ready(self.ready_fd, READY)
+        self.ready.set()
 
     async def _signals(self, task_status: Any) -> None:
         import pyfuse3

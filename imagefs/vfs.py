@@ -10,9 +10,10 @@ Inode numbers are the index's own (the root is 1), stable for the life of the im
 so there is no lookup-count bookkeeping: nothing is ever freed. File bytes come from a
 :class:`~cache.tier.ChunkReader`. The chunks one read needs are grouped into runs
 that lie back to back in a pack; runs are fetched concurrently, and the head of each
-run names the rest of it as ``neighbours`` (the last run adds the file's next chunks,
-up to a window), so a cold read costs one ranged blob-store read per run and brings
-what a sequential reader will ask for next.
+run names the rest of it as ``neighbours`` (the last run adds the chunks stored after
+it in the pack, up to a window: the rest of the file, then the next files in tree
+order), so a cold read costs one ranged blob-store read per run and brings what a
+sequential reader, or a process importing a package file by file, asks for next.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # The block size reported to readers: stdio and cp size their buffers by it.
 BLOCK_SIZE = 128 * 1024
-# How far past a read the next chunks of the file are offered as neighbours.
+# How many bytes past a read are offered as neighbours (for one ranged read).
 DEFAULT_NEIGHBOUR_WINDOW = 8 * 1024 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -136,7 +137,7 @@ class VFS:
     """The filesystem of one image.
 
     ``name`` identifies the image in log lines (defaults to the index digest);
-    ``neighbour_window`` is how many bytes of a file's following chunks a read offers
+    ``neighbour_window`` is how many bytes of the chunks stored after a read it offers
     the reader as neighbours.
     """
 
@@ -327,19 +328,14 @@ class VFS:
         return VFSError(errno.EIO, f"{path}: {ref}: {error}")
 
     def neighbours_after(self, ino: int, last: tuple[int, ChunkRef]) -> list[ChunkRef]:
-        """The file's chunks after ``last`` that follow it directly in the same pack,
-        up to the window: what one ranged read can bring along."""
+        """The chunks stored right after ``last`` in its pack, up to the window: the
+        rest of this file and then the files after it in tree order, which is what a
+        process reading a directory's files one by one (Python imports) asks for next.
+        One ranged read brings them all, so small files do not cost a round trip each."""
         if self.neighbour_window == 0:
             return []
-        foff, prev = last
-        start = foff + prev.ulen
-        out: list[ChunkRef] = []
-        for _off, ref in self.index.chunks_for_range(ino, start, self.neighbour_window):
-            if ref.pack != prev.pack or ref.offset != prev.offset + prev.clen:
-                break
-            out.append(ref)
-            prev = ref
-        return out
+        foff, _ref = last
+        return self.index.pack_successors(self.index.chunk_no(ino, foff), self.neighbour_window)
 
     # -- filesystem ------------------------------------------------------------------
 

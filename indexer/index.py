@@ -210,6 +210,33 @@ class Index:
         hi = min(count, (offset + length + cs - 1) // cs)
         return [(i * cs, self.chunk(self._extents[first + i])) for i in range(lo, hi)]
 
+    def chunk_no(self, ino: int, offset: int) -> int:
+        """The chunk-table number of the chunk holding byte ``offset`` of a file."""
+        first, count = self.file_chunks(ino)
+        i = offset // self.chunk_size
+        if not 0 <= i < count:
+            raise ValueError(f"offset {offset} is past the chunks of inode {ino}")
+        return self._extents[first + i]
+
+    def pack_successors(self, chunk_no: int, max_bytes: int) -> list[ChunkRef]:
+        """The chunks stored right after chunk ``chunk_no`` in its pack, back to back,
+        up to ``max_bytes`` of (uncompressed) data: what one ranged read can bring along.
+
+        The chunk table is numbered in tree order, the order packs are laid out in, so
+        these are the rest of the file and then the files that follow it in the tree.
+        """
+        out: list[ChunkRef] = []
+        prev = self.chunk(chunk_no)
+        budget = max_bytes
+        for n in range(chunk_no + 1, self._h.n_chunks):
+            ref = self.chunk(n)
+            if ref.pack != prev.pack or ref.offset != prev.offset + prev.clen or ref.ulen > budget:
+                break
+            out.append(ref)
+            budget -= ref.ulen
+            prev = ref
+        return out
+
     def all_chunks(self) -> Iterator[ChunkRef]:
         """Every distinct chunk the image references (for prefetch, stats, tests)."""
         for n in range(self._h.n_chunks):

@@ -27,6 +27,7 @@ from imagefs.cli_mount import parse_size
 from imagefs.mount import FAULT_ENV, MountError, MountOptions, RunPaths, find_mounts, query_stats, start_mount
 from indexer.build import build_image
 from tests.support.images import write_oci_layout
+from indexer.catalog import open_image
 from tests.support.mounts import MTIME_NS, ImageBuilder, Mount, force_unmount, is_mounted, mounted, reap_daemon
 from tests.support.reference import dir_entries, reference_tree
 from tests.support.tars import feature_layers
@@ -327,6 +328,42 @@ def test_mount_through_an_az_cache_server(env: str, store: str) -> None:
 
 
 # -- faults -------------------------------------------------------------------------------
+
+
+def test_reading_a_directory_file_by_file_costs_a_few_blob_reads(env: str, store: str) -> None:
+    """Cold, one file after another (as Python imports): neighbours in the pack come
+    along with each ranged read, so 32 files of ~150 KB do not cost 32 round trips."""
+    opts = MountOptions(store=store, cache_dir=os.path.join(env, "cache-seq"), cache_size=1 << 30,
+                        memory_size=64 << 20, prefetch=False)
+    with mounted("main", os.path.join(env, "mnt-seq"), opts) as m:
+        for i, data in enumerate(PAR):
+            with open(_p(m, f"par/f{i:02d}"), "rb") as f:
+                assert f.read() == data
+        blob = query_stats(m.path)["cache"]["tiers"]["blob"]
+    index = open_image(LocalStore(store), "main")
+    packs = {ref.pack for i in range(len(PAR))
+             for _o, ref in index.chunks_for_range(index.resolve(f"par/f{i:02d}"), 0, len(PAR[i]))}
+    assert len(packs) < len(PAR) // 4  # the test is meaningful: many files share each pack
+    assert blob["requests"] <= len(packs), blob  # one ranged read per pack, not one per file
+
+
+def test_prefetch_brings_the_image_to_the_ssd_tier_in_the_background(env: str, store: str) -> None:
+    opts = MountOptions(store=store, cache_dir=os.path.join(env, "cache-pre"), cache_size=1 << 30,
+                        memory_size=64 << 20)
+    small = ImageBuilder(chunk_size=CS)
+    for i, data in enumerate(PAR):
+        small.file(f"par/f{i:02d}", data)
+    index = small.write(LocalStore(store), "prefetch-me")
+    with mounted("prefetch-me", os.path.join(env, "mnt-pre"), opts) as m:
+        deadline = time.monotonic() + 30
+        while query_stats(m.path)["cache"]["prefetched"] < index.n_chunks:
+            assert time.monotonic() < deadline, query_stats(m.path)["cache"]
+            time.sleep(0.05)
+        before = query_stats(m.path)["cache"]["tiers"]["blob"]["requests"]
+        for i, data in enumerate(PAR):  # nothing was read yet; now everything is local
+            with open(_p(m, f"par/f{i:02d}"), "rb") as f:
+                assert f.read() == data
+        assert query_stats(m.path)["cache"]["tiers"]["blob"]["requests"] == before
 
 
 def test_a_tiny_cache_still_returns_the_right_bytes(env: str, store: str) -> None:

@@ -208,12 +208,19 @@ def test_one_read_fetches_its_chunks_concurrently_and_offers_neighbours(vfs: VFS
     reader.calls.clear()
     run(vfs.read, big, CS - 1, 2 * CS + 2)  # touches chunks 0..3, back to back in one pack
     # The head names the rest of the read and the window after it: one ranged read.
-    assert reader.calls[0] == (refs[0], tuple(refs[1:6]))
+    after = tuple(vfs.index.pack_successors(vfs.index.chunk_no(big, 3 * CS), 3 * CS))
+    assert after[:2] == tuple(refs[4:6])  # the rest of the file first, then what follows it
+    assert reader.calls[0] == (refs[0], tuple(refs[1:4]) + after)
     assert reader.calls[1:] == [(refs[1], ()), (refs[2], ()), (refs[3], ())]
 
     reader.calls.clear()
-    run(vfs.read, big, 5 * CS, CS)  # last chunk: nothing follows
-    assert reader.calls == [(refs[5], ())]
+    run(vfs.read, big, 5 * CS, CS)  # the file's last chunk: the next files in the pack follow
+    (head, nbrs), = reader.calls
+    assert head == refs[5]
+    assert nbrs == tuple(vfs.index.pack_successors(vfs.index.chunk_no(big, 5 * CS), 3 * CS))
+    assert nbrs and not set(nbrs) & set(refs)  # other files' chunks, not this file's
+    for prev, n in zip((head,) + nbrs, nbrs):  # back to back in one pack: one ranged read
+        assert n.pack == head.pack and n.offset == prev.offset + prev.clen
 
 
 def test_neighbours_stop_where_the_pack_layout_does(store: LocalStore) -> None:

@@ -1,0 +1,45 @@
+"""Background prefetch: bring an image's chunks to the host while it starts.
+
+A cold container reads files one after another, and each miss costs a blob-store
+round trip (~200 ms in the cloud). Prefetching the image in pack order (tree order)
+with a few ranged reads in flight turns those round trips into a stream that runs
+ahead of the workload; the chain serves demand reads first, so prefetch only uses
+what demand leaves. Without a profile every chunk is a candidate, in layout order,
+up to a budget (a share of the SSD tier, so prefetch never evicts what it fetched).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cache.chain import ChunkChain
+from indexer.index import Index
+
+log = logging.getLogger(__name__)
+
+
+def plan(index: Index, budget: int) -> list:  # type: ignore[type-arg]
+    """The chunks to prefetch, in chunk-table (pack) order, within ``budget`` compressed bytes."""
+    refs = []
+    total = 0
+    for ref in index.all_chunks():
+        if total + ref.clen > budget:
+            break
+        refs.append(ref)
+        total += ref.clen
+    return refs
+
+
+async def prefetch_image(index: Index, chain: ChunkChain, budget: int) -> int:
+    """Prefetch ``index``'s chunks into the local tiers; returns how many were fetched."""
+    import trio
+
+    refs = await trio.to_thread.run_sync(plan, index, budget)  # ~50 ms for 30k chunks: off the loop
+    if not refs:
+        return 0
+    start = time.monotonic()
+    fetched = await chain.prefetch(refs)
+    log.info("prefetched %d of %d chunks (%.1f MiB compressed planned) in %.1f s", fetched, len(refs),
+             sum(r.clen for r in refs) / (1 << 20), time.monotonic() - start)
+    return fetched
