@@ -89,6 +89,10 @@ class MountOptions:
     az_cache: list[str] = field(default_factory=list)
     prefetch: bool = True  # bring the image's chunks to the SSD tier in the background
 
+    def index_cache_dir(self) -> str | None:
+        """Where this host keeps verified copies of indexes (with the SSD tier), if anywhere."""
+        return (self.cache_dir or default_cache_dir()) if self.cache_size > 0 else None
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
@@ -186,8 +190,7 @@ def _open_image(image: str, opts: MountOptions) -> tuple[Any, Any]:
 
     try:
         store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
-        cache_dir = (opts.cache_dir or default_cache_dir()) if opts.cache_size > 0 else None
-        return store, load_index(store, image, cache_dir)
+        return store, load_index(store, image, opts.index_cache_dir())
     except (BlobStoreError, StoreURLError, ImageNotFound, InvalidImageName, IndexFormatError) as e:
         raise MountError(f"cannot mount {image}: {e}") from e
 

@@ -167,13 +167,14 @@ def _watch_start(pid_file: str, t0: float, timings: Timings, done: threading.Eve
 def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | None = None) -> tuple[int, Timings]:  # noqa: F821
     """Run one container to completion; returns (exit status, timings)."""
     from cache.stores import open_store
-    from indexer.catalog import open_image, resolve
+    from imagefs.index_cache import load_index
 
     t0 = time.monotonic()
     timings = Timings()
     store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
-    digest = resolve(store, image)
-    image_cfg = open_image(store, digest).config
+    # One fetch of the index: the copy kept here is what the mount daemon loads.
+    index = load_index(store, image, opts.index_cache_dir())
+    digest, image_cfg = index.digest, index.config
     cid = name or f"imagefs-{secrets.token_hex(6)}"
     if not cid.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise RunError(f"invalid container name {cid!r}")
