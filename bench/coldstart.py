@@ -124,13 +124,40 @@ def manifest_digest(layout: Path) -> str:
     return str(json.loads((layout / "index.json").read_text())["manifests"][0]["digest"])
 
 
-def source_hash(*dirs: str) -> str:
-    """Digest of the project's indexer sources: an index built by other code is rebuilt."""
+def source_hash(root: Path, *dirs: str) -> str:
+    """Digest of the indexer's sources: an index built by other code is rebuilt."""
     h = hashlib.sha256()
     for d in dirs:
-        for p in sorted((REPO / d).rglob("*.py")):
-            h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
+        for p in sorted((root / d).rglob("*.py")):
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
+
+
+CODE_DIRS = ("imagefs", "indexer", "cache")
+
+
+def prepare_code(rundir: Path, mode: str) -> tuple[Path, str]:
+    """The imagefs code every command of this run uses, and how to name it.
+
+    ``head``: an export of the committed HEAD into the run directory, put first on
+    PYTHONPATH (ahead of the editable install) for this process and every child, so
+    that edits others make to the checkout while the matrix runs cannot leak into it.
+    ``worktree``: the checkout as it is.
+    """
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=True).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    if mode == "worktree":
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_DIRS).strip()
+        return REPO, commit + ("+uncommitted changes" if dirty else "")
+    code = rundir / "code"
+    code.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", *CODE_DIRS], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+    sys.path.insert(0, str(code))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+    return code, commit
 
 
 # --------------------------------------------------------------------------- preparation
@@ -164,7 +191,8 @@ def prepare_local(work: Path, img: Any) -> ImageAssets:
                        config=config, squashfs=sqfs, caidx_name=caidx.name)
 
 
-def prepare_servers(work: Path, ns_blob: str, images: dict[str, Any], assets: dict[str, ImageAssets]) -> None:
+def prepare_servers(work: Path, ns_blob: str, images: dict[str, Any], assets: dict[str, ImageAssets],
+                    code_dir: Path) -> None:
     """Push to the registry and index into SeaweedFS, from inside the blob namespace
     (straight to the servers' loopback: preparation is not what is measured)."""
     for name, img in images.items():
@@ -178,7 +206,7 @@ def prepare_servers(work: Path, ns_blob: str, images: dict[str, Any], assets: di
                                               f"docker://127.0.0.1:{REGISTRY_PORT}/{a.registry_repo}"]),
                      f"skopeo push {name}")
         zs = manifest_digest(layout_dir(img.layout_zstd))
-        inputs = {"zstd": zs, "indexer": source_hash("indexer", "cache"), "prep": PREP_VERSION}
+        inputs = {"zstd": zs, "indexer": source_hash(code_dir, "indexer", "cache"), "prep": PREP_VERSION}
         with _step(work / "seaweed" / "stamps" / f"{name}.json", inputs, f"imagefs index {name}") as todo:
             if todo:
                 _run(services.in_ns(ns_blob, [services.tool("imagefs"), "-q", "index", f"oci:{layout_dir(img.layout_zstd)}:latest",
@@ -211,7 +239,7 @@ def cleanup_rundir(rundir: Path) -> None:
     shutil.rmtree(rundir, ignore_errors=True)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(code: str) -> dict[str, Any]:
     mem_kb = 0
     with contextlib.suppress(OSError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -222,9 +250,6 @@ def machine_info() -> dict[str, Any]:
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("PRETTY_NAME="):
                 osname = line.split("=", 1)[1].strip('"')
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
-                            "imagefs", "indexer", "cache"], capture_output=True, text=True)
 
     def version(argv: list[str]) -> str:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -234,8 +259,7 @@ def machine_info() -> dict[str, Any]:
 
     return {"hostname": socket.gethostname(), "kernel": platform.release(), "os": osname,
             "cpus": os.cpu_count() or 0, "memory_gib": round(mem_kb / (1 << 20), 1),
-            "python": platform.python_version(),
-            "commit": commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else ""),
+            "python": platform.python_version(), "commit": code,
             "tools": {"skopeo": version(["skopeo", "--version"]), "umoci": version(["umoci", "--version"]),
                       "runc": version(["runc", "--version"]), "casync": version(["casync", "--version"]),
                       "squashfuse": version(["squashfuse", "--version"]),
@@ -354,6 +378,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--slow", type=float, default=60.0,
                    help="a run longer than this many seconds is not repeated (default 60)")
     p.add_argument("--az-cache-size", default="20G", help="the AZ cache server's --max-size (default 20G)")
+    p.add_argument("--code", choices=("head", "worktree"), default="head",
+                   help="imagefs code to measure: an export of the committed HEAD (default: edits made to "
+                   "the checkout during the run cannot leak in) or the working tree as it is")
     p.add_argument("--no-record", action="store_true", help="do not add the run to bench/RESULTS.md")
     args = p.parse_args(argv)
     args.images = [x for x in (args.images or ("numpy" if args.quick else "numpy,torch")).split(",") if x]
@@ -418,6 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cleanup_rundir(rundir)
             rundir.mkdir(parents=True)
             stack.callback(cleanup_rundir, rundir)
+            code_dir, code_name = prepare_code(rundir, args.code)
+            # daemons' sockets and logs in our run dir: ours to clean, and no host agent
+            # (which would serve mounts with its own code) is asked
+            os.environ["IMAGEFS_RUN_DIR"] = str(rundir / "imagefs")
+            log(f"imagefs code: {code_name} ({code_dir})")
             log(f"images: {', '.join(args.images)} (bench/images.py, cached in {base})")
             built = bench_images.ensure_images(str(base), tuple(args.images))
             assets = {name: prepare_local(work, img) for name, img in built.items()}
@@ -439,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         services.start_registry(ns_blob, work / "registry", REGISTRY_PORT),
                         services.start_static_http(ns_blob, work / "casync", CASYNC_PORT, rundir / "logs" / "http.log")):
                 stack.callback(svc.stop)
-            prepare_servers(work, ns_blob, built, assets)
+            prepare_servers(work, ns_blob, built, assets, code_dir)
 
             blob_ms, az_ms, ow = args.blob_latency_ms, args.az_latency_ms, args.one_way_ms
             proxies = {}
@@ -489,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeat": args.repeat, "quick": args.quick, "images": list(assets),
                 "workloads": {w.name: list(w.argv) for w in workloads}, "scenarios": wanted, "skipped": skipped,
                 "run_timeout_s": args.run_timeout, "peer_timeout_s": args.peer_timeout, "budget_s": args.budget,
-                "slow_s": args.slow,
+                "slow_s": args.slow, "code": args.code,
                 "az_cache_size": args.az_cache_size,
                 "links": {"blob": f"host {blob_link.a.addr} <-> {blob_link.b.addr} (SeaweedFS S3, registry, casync store)",
                           "az": f"host {az_link.a.addr} <-> {az_link.b.addr} (imagefs cache-server)",
@@ -512,14 +544,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted: everything started was stopped")
         return 130
-    except (PrepError, services.ServiceError, netem.NetemError, scenarios.ScenarioError) as e:
+    except (PrepError, bench_images.BuildError, services.ServiceError, netem.NetemError,
+            scenarios.ScenarioError) as e:
         log(f"failed: {e}")
         return 1
 
     doc = {"schema": report.SCHEMA, "version": report.VERSION, "command": command,
            "started": started.isoformat(timespec="seconds"),
            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "machine": machine_info(), "settings": settings, "images": images_info,
+           "machine": machine_info(code_name), "settings": settings, "images": images_info,
            "runs": [r.to_dict() for r in runs], "warmups": [r.to_dict() for r in warmups]}
     doc["summary"] = report.summarize(doc["runs"], scenarios.SCENARIOS)
     write_outputs(doc, "quick" if args.quick else "full", record=not args.no_record)

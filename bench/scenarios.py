@@ -22,8 +22,9 @@ casync          ``casync mount`` of a .caidx whose chunk store is served over HT
                 behind the blob link (a content-addressed lazy peer); caches dropped
 ==============  =================================================================
 
-Time is split into phases measured from one ``t0`` per run: ``resolve`` (imagefs: the
-name and image config from the blob store, as ``imagefs run`` does), ``pull``,
+Time is split into phases measured from one ``t0`` per run: ``resolve`` (imagefs: name
+-> digest and the index, kept in the host's cache dir, as ``imagefs run`` does; the
+mount then goes by digest), ``pull``,
 ``unpack``, ``mount`` (until the mount answers), ``start`` (until runc has the
 container's process: its --pid-file appears), ``run`` (until the workload exits).
 
@@ -378,17 +379,26 @@ def _imagefs_env() -> dict[str, str]:
     return s3_env()
 
 
-def resolve_config(ctx: Context, store_name: str) -> dict[str, Any]:
-    """Name -> digest -> image config through the blob link, as ``imagefs run`` does."""
+def resolve_image(ctx: Context, store_name: str, cache_dir: Path) -> tuple[str, dict[str, Any]]:
+    """Name -> (digest, image config) through the blob link, the way ``imagefs run``
+    does it: the index is fetched once and kept in the host's cache directory, where the
+    mount daemon finds it (older code without that copy: resolve, then fetch)."""
     from cache.stores import open_store
-    from indexer.catalog import open_image, resolve
 
     store = open_store(ctx.store_url, s3_endpoint=ctx.s3_endpoint)
-    return dict(open_image(store, resolve(store, store_name)).config)
+    try:
+        from imagefs.index_cache import load_index
+    except ImportError:
+        from indexer.catalog import open_image, resolve
+
+        digest = resolve(store, store_name)
+        return digest, dict(open_image(store, digest).config)
+    index = load_index(store, store_name, str(cache_dir))
+    return index.digest, dict(index.config)
 
 
-def imagefs_mount(ctx: Context, name: str, mp: Path, cache_dir: Path, az: bool) -> None:
-    argv = [tool("imagefs"), "-q", "mount", name, str(mp), "--store", ctx.store_url,
+def imagefs_mount(ctx: Context, image: str, mp: Path, cache_dir: Path, az: bool) -> None:
+    argv = [tool("imagefs"), "-q", "mount", image, str(mp), "--store", ctx.store_url,
             "--s3-endpoint", ctx.s3_endpoint, "--cache-dir", str(cache_dir)]
     if az:
         if not ctx.az_address:
@@ -433,10 +443,10 @@ def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, r
         before = imagefs_stats(mp) if reuse_mount else {}
         ctx.reset_links()
         t0 = time.monotonic()
-        image_cfg = resolve_config(ctx, img.store_name)
+        digest, image_cfg = resolve_image(ctx, img.store_name, cache_dir)
         t_resolved = time.monotonic()
         if not reuse_mount:
-            imagefs_mount(ctx, img.store_name, mp, cache_dir, az)
+            imagefs_mount(ctx, digest, mp, cache_dir, az)
         t_ready = time.monotonic()
         res.phases_s.update(resolve=t_resolved - t0, mount=t_ready - t_resolved)
         c = run_container(ctx, mp, image_cfg, wl.argv, t0, ctx.run_timeout_s, abort=lambda: imagefs_kill(mp))
