@@ -42,7 +42,9 @@ STAMP="$VENV/.imagefs-installed"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $ROOT"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]"
+  # compat mode: a plain .pth path entry; the default import-hook finder costs every
+  # imagefs process (CLI, mount daemons) tens of ms at start-up.
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]" --config-settings editable_mode=compat
   echo "$WANT" > "$STAMP"
 fi
 echo "install.sh: ready ($VENV)" >&2
