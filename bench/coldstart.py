@@ -289,7 +289,8 @@ def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence
     """AZ warm-ups, then ``repeat`` rounds; each round runs every scenario of every
     (image, workload), so a time budget cuts repeats, never coverage.
 
-    Budget rules, all logged: no new round starts after ``deadline``; a scenario whose
+    Budget rules, all logged: after ``deadline`` no further repeat of any (image,
+    workload) starts; a scenario whose
     run took more than ``slow_s`` is not repeated for that (image, workload) (for the
     cold run, the warm tiers are still repeated on the SSD cache it left); a peer that
     timed out on an image is not run again on that image, its remaining runs recorded
@@ -317,10 +318,11 @@ def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence
             log(f"{name}: AZ cache warm-up with {wl.name}: {_describe(warm)}")
 
     for rep in range(repeat):
-        if rep > 0 and deadline is not None and time.monotonic() > deadline:
-            log(f"time budget spent: stopping after {rep} round(s) of {repeat}")
-            break
         for name, wl in combos:
+            if rep > 0 and deadline is not None and time.monotonic() > deadline:
+                log(f"time budget spent: no more repeats (round {rep + 1} of {repeat} stopped before "
+                    f"{name} / {wl.name})")
+                return results
             img = assets[name]
             for sc in wanted:
                 if (name, wl.name, sc) in slow:
@@ -373,8 +375,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workdir", help="bench work directory (default $IMAGEFS_BENCH_DIR, else /var/cache/imagefs-bench)")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     p.add_argument("--peer-timeout", type=float, help="seconds a casync run may take (default 60; quick: 30)")
-    p.add_argument("--budget", type=float, help="start no new round of repeats after this many seconds of "
-                   "matrix (default 660; quick: 150)")
+    p.add_argument("--budget", type=float, help="start no further repeat after this many seconds of "
+                   "matrix (default 600; quick: 150)")
     p.add_argument("--slow", type=float, default=60.0,
                    help="a run longer than this many seconds is not repeated (default 60)")
     p.add_argument("--az-cache-size", default="20G", help="the AZ cache server's --max-size (default 20G)")
@@ -389,7 +391,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.peer_timeout = args.peer_timeout or (30.0 if args.quick else 60.0)
     if args.budget is None:
-        args.budget = 150.0 if args.quick else 660.0
+        args.budget = 150.0 if args.quick else 600.0
     names = {w.name for w in scenarios.WORKLOADS}
     args.workloads = [w.strip() for w in args.workloads.split(",")] if args.workloads else sorted(names)
     unknown = set(args.workloads) - names
@@ -554,9 +556,15 @@ def main(argv: Sequence[str] | None = None) -> int:
            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": machine_info(code_name), "settings": settings, "images": images_info,
            "runs": [r.to_dict() for r in runs], "warmups": [r.to_dict() for r in warmups]}
-    doc["summary"] = report.summarize(doc["runs"], scenarios.SCENARIOS)
+    doc["summary"] = report.summarize(doc["runs"], scenarios.SCENARIOS, [w.name for w in scenarios.WORKLOADS])
     write_outputs(doc, "quick" if args.quick else "full", record=not args.no_record)
     return 0 if all(r.ok for r in runs) else 1
+
+
+def runs_label(summary: Sequence[dict[str, Any]]) -> str:
+    counts = sorted({e["n"] for e in summary if e["scenario"] != "casync"} or {0})
+    n = f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]}–{counts[-1]}"
+    return f"{n} run(s) per scenario"
 
 
 def write_outputs(doc: dict[str, Any], kind: str, record: bool) -> None:
@@ -566,7 +574,7 @@ def write_outputs(doc: dict[str, Any], kind: str, record: bool) -> None:
     s = doc["settings"]
     title = (f"Cold start ({kind}), {doc['started'][:16]}, {doc['machine'].get('cpus')} CPUs\n"
              f"blob store/registry TTFB {s['blob_latency_ms']:g} ms, AZ cache TTFB {s['az_latency_ms']:g} ms, "
-             f"{s['bandwidth_mbit']:g} Mbit/s links, median of {s['repeat']} run(s)")
+             f"{s['bandwidth_mbit']:g} Mbit/s links, median of {runs_label(doc['summary'])}")
     chart_name: str | None = stem.with_suffix(".png").name
     try:
         report.chart(doc["summary"], stem.with_suffix(".png"), title)

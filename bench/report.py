@@ -179,15 +179,18 @@ def _link_totals(run: dict[str, Any]) -> tuple[int, int]:
             sum(int(v.get("requests", 0)) for v in links.values()))
 
 
-def summarize(runs: Iterable[dict[str, Any]], scenario_order: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Group runs by (image, workload, scenario): medians and p90s over the ok runs."""
+def summarize(runs: Iterable[dict[str, Any]], scenario_order: Sequence[str] = (),
+              workload_order: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Group runs by (image, workload, scenario): medians and p90s over the ok runs.
+    Entries come by image, then in the given workload and scenario orders."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["image"], r["workload"], r["scenario"]), []).append(r)
     order = {s: i for i, s in enumerate(scenario_order)}
+    wl_order = {w: i for i, w in enumerate(workload_order)}
 
-    def key(k: tuple[str, str, str]) -> tuple[str, str, int, str]:
-        return (k[0], k[1], order.get(k[2], len(order)), k[2])
+    def key(k: tuple[str, str, str]) -> tuple[str, int, str, int, str]:
+        return (k[0], wl_order.get(k[1], len(wl_order)), k[1], order.get(k[2], len(order)), k[2])
 
     out = []
     for (image, workload, scenario) in sorted(groups, key=key):
@@ -265,7 +268,7 @@ def settings_line(doc: dict[str, Any]) -> str:
     return (f"blob store and registry: {s['blob_latency_ms']:g} ms to first byte; AZ cache: "
             f"{s['az_latency_ms']:g} ms to first byte; one-way link delay {s.get('one_way_ms', 0):g} ms; "
             f"every link {s['bandwidth_mbit']:g} Mbit/s each way (htb on both veth ends); "
-            f"{s['repeat']} repeat(s); page cache dropped before every cold run")
+            f"up to {s['repeat']} repeat(s) (ok/n: how many ran); page cache dropped before every cold run")
 
 
 def machine_line(doc: dict[str, Any]) -> str:
@@ -329,8 +332,8 @@ def chart(summary: Sequence[dict[str, Any]], out: Path, title: str) -> None:
     for e in summary:
         panels.setdefault((e["image"], e["workload"]), []).append(e)
     n = max(1, len(panels))
-    fig, axes = plt.subplots(n, 1, figsize=(10, 1.0 + 0.42 * max(len(v) for v in panels.values() or [[1]]) * n),
-                             squeeze=False)
+    height = 1.2 + (0.6 + 0.3 * max(len(v) for v in panels.values() or [[1]])) * n
+    fig, axes = plt.subplots(n, 1, figsize=(10, height), squeeze=False)
     for ax, ((image, workload), entries) in zip(axes[:, 0], panels.items()):
         labels = [e["scenario"] + ("" if e["ok"] == e["n"] else f" ({e['ok']}/{e['n']} ok)") for e in entries]
         left = [0.0] * len(entries)
@@ -341,8 +344,14 @@ def chart(summary: Sequence[dict[str, Any]], out: Path, title: str) -> None:
                 left = [a + b for a, b in zip(left, widths)]
         for y, (e, x) in enumerate(zip(entries, left)):
             t = e.get("total_s")
-            label = f" {t['median']:.2f}s" if t else (f" > {e['timed_out_s']:.0f}s (timed out)"
-                                                      if e.get("timed_out_s") else " failed")
+            if t:
+                label = f" {t['median']:.2f}s"
+            elif e.get("timed_out_s"):
+                label = f" > {e['timed_out_s']:.0f}s (timed out)"
+            elif all(err.startswith("not run") for err in e.get("errors") or ["?"]):
+                label = " not run (timed out on an earlier workload)"
+            else:
+                label = " failed"
             ax.text(x, y, label, va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{image}: {workload}", fontsize=10, loc="left")
@@ -355,7 +364,7 @@ def chart(summary: Sequence[dict[str, Any]], out: Path, title: str) -> None:
                 handles.append(h)
                 names.append(lab)
     fig.suptitle(title, fontsize=9, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0.06 if names else 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.45 / height if names else 0, 1, 1 - 0.55 / height))
     if names:
         fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.savefig(out, dpi=110)
