@@ -8,12 +8,17 @@ point of failure):
   same chunk and each server's disk holds a disjoint share of the zone's working set.
   One ``fetch`` sends one batch request per owner (split only past the wire limits),
   all owners at once.
-- **Bounded cost of a bad server**: every request has a ``deadline``. A server that
-  refuses, resets, times out, answers garbage or refuses our secret is marked
-  unhealthy and its chunks are hedged once to the next healthy server in rendezvous
-  order; whatever is still missing after that is a miss (the chain goes to the blob
-  store). So ``fetch`` takes at most two deadlines, and usually returns at once when
-  a server is down (connection refused). Unhealthy servers get no traffic until a
+- **Bounded cost of a bad server**: every request has a ``deadline`` (long enough for
+  a server to read one batch through from the blob store). A server that refuses,
+  resets, answers garbage, refuses our secret, or times out *and* then fails a quick
+  ``GET /health`` is marked unhealthy and its chunks are hedged once to the next
+  healthy server in rendezvous order; whatever is still missing after that is a miss
+  (the chain goes to the blob store). A server that times out but answers /health is
+  slow, not dead (reading through from the store): its chunks are misses this time,
+  with no mark-down and no hedge, which would only read them through a second time
+  (measured: hedging on every slow read-through tripled the cold-start link traffic).
+  So ``fetch`` takes at most two deadlines plus the health checks, and returns at once
+  when a server is down (connection refused). Unhealthy servers get no traffic until a
   background probe (``GET /health`` every ``probe_interval`` s, a trio system task
   started on demand) succeeds.
 - **Trust nothing**: every chunk that comes back is verified (size and blake3) before
@@ -48,6 +53,10 @@ MAX_REQUEST_BYTES = 32 << 20  # chunk bytes asked of one server in one request
 MAX_HEAD = 16 * 1024
 RECV_SIZE = 256 * 1024
 HEDGES = 1  # further servers tried after the owner fails
+# Long enough for a server to read one batch through from a cloud blob store
+# (~200 ms to first byte, plus the transfer); a dead server costs it once.
+DEFAULT_DEADLINE_S = 1.0
+BUSY_PROBE_S = 0.25  # after a timeout: how long /health gets to show the server is alive
 
 
 class ServerFailed(Exception):
@@ -99,6 +108,7 @@ class ServerState:
     chunks: int  # chunks it returned that verified
     failures: int  # requests that failed (including timeouts and 401s)
     timeouts: int
+    slow: int  # timeouts of a server that still answered /health: misses, not failures
     unauthorized: int
     corrupt: int  # chunks it returned that did not verify
     hedged: int  # chunks sent to it because their owner had failed
@@ -195,12 +205,12 @@ class _Server:
         self.reason = ""
         self.idle: list[_Conn] = []
         self.slots = trio.Semaphore(MAX_CONNS)
-        self.requests = self.chunks = self.failures = self.timeouts = 0
+        self.requests = self.chunks = self.failures = self.timeouts = self.slow = 0
         self.unauthorized = self.corrupt = self.hedged = 0
 
     def state(self) -> ServerState:
         return ServerState(self.address, self.healthy, self.reason, self.requests, self.chunks,
-                           self.failures, self.timeouts, self.unauthorized, self.corrupt, self.hedged)
+                           self.failures, self.timeouts, self.slow, self.unauthorized, self.corrupt, self.hedged)
 
     def drop_idle(self) -> None:
         for c in self.idle:
@@ -213,7 +223,7 @@ class AZCacheTier:
 
     name = "az"
 
-    def __init__(self, servers: list[str], *, secret: str | None = None, deadline: float = 0.5,
+    def __init__(self, servers: list[str], *, secret: str | None = None, deadline: float = DEFAULT_DEADLINE_S,
                  probe_interval: float = 1.0) -> None:
         if deadline <= 0 or probe_interval <= 0:
             raise ValueError("deadline and probe_interval must be positive")
@@ -239,7 +249,8 @@ class AZCacheTier:
 
     async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
         """digest -> verified bytes for the refs the servers had; the rest are left out.
-        Never raises (but for cancellation); takes at most ``(1 + HEDGES) * deadline``."""
+        Never raises (but for cancellation); takes at most ``(1 + HEDGES)`` times the
+        deadline plus a health check."""
         self._bind_run()
         wanted = {r.digest: r for r in refs}
         result: dict[bytes, bytes] = {}
@@ -323,6 +334,16 @@ class AZCacheTier:
             if scope.cancelled_caught:
                 server.timeouts += 1
                 reason = f"no answer within {self.deadline:g}s"
+                # Slow is not dead: a server reading a batch through from the blob store
+                # takes the store's latency. If it still answers /health at once, these
+                # chunks are plain misses (the chain goes to the store) and the server
+                # keeps its traffic: no mark-down, and no hedge to another server that
+                # would only read the same chunks through again.
+                if await self._answers_health(server, BUSY_PROBE_S):
+                    server.slow += 1
+                    log.debug("az cache %s: %s but alive; %d chunk(s) are misses", server.address, reason,
+                              len(refs))
+                    return
         except Unauthorized as e:
             server.unauthorized += 1
             reason = str(e)
@@ -424,13 +445,14 @@ class AZCacheTier:
             if self._token is token:
                 self._prober_running = False
 
-    async def _probe_one(self, server: _Server) -> None:
+    async def _answers_health(self, server: _Server, timeout: float) -> bool:
+        """Whether ``server`` answers ``GET /health`` with 200 within ``timeout``."""
         ok = False
-        with trio.move_on_after(max(self.deadline, 1.0)):
+        with trio.move_on_after(timeout):
             try:
                 stream = await trio.open_tcp_stream(server.host, server.port)
             except OSError:
-                return
+                return False
             conn = _Conn(stream)
             try:
                 await conn.send_all(f"GET {HEALTH_PATH} HTTP/1.1\r\nHost: {server.address}\r\n"
@@ -443,6 +465,10 @@ class AZCacheTier:
                 pass
             finally:
                 conn.close()
+        return ok
+
+    async def _probe_one(self, server: _Server) -> None:
+        ok = await self._answers_health(server, max(self.deadline, 1.0))
         if ok and not server.healthy:
             server.healthy = True
             log.warning("az cache %s: healthy again", server.address)
