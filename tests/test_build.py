@@ -249,3 +249,21 @@ def test_bad_input_is_refused_and_store_unchanged(tmp_path, capsys, case, compre
     for word in words:
         assert word in err, (word, err)
     assert _store_snapshot(root) == before
+
+
+@pytest.mark.parametrize("status,words", [(401, "authentication required"), (404, "manifest unknown"), (500, "500")])
+def test_registry_errors_are_refused_and_store_unchanged(tmp_path, capsys, status: int, words: str) -> None:  # type: ignore[no-untyped-def]
+    from imagefs.cli import main
+    from tests.support.registry import status_server
+
+    root = str(tmp_path / "store")
+    write_oci_layout(str(tmp_path / "good"), [make_tar([file("etc/ok", b"ok\n")])])
+    assert main(["-q", "index", f"oci:{tmp_path / 'good'}:latest", "--store", root, "--name", "good"]) == 0
+    before = _store_snapshot(root)
+    with status_server(status) as srv:
+        ref = f"docker://{srv.host}/app:1"
+        capsys.readouterr()
+        code = main(["index", ref, "--store", root])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"imagefs: {ref}") and words in err, err
+    assert _store_snapshot(root) == before
