@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -63,6 +64,12 @@ def index_once(image: BenchImage, store_dir: str, name: str, chunk_size: int = 1
     return build_image(image.layout_zstd, LocalStore(store_dir), name, chunk_size=chunk_size)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process, all threads (the indexer runs in-process)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def open_time_ms(store_dir: str, name: str, n: int = 50) -> tuple[float, int, int]:
     store = LocalStore(store_dir)
     digest = resolve(store, name)
@@ -98,19 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("numpy", "torch"):
             img = images[name]
             content = sum(img.layer_sizes)
-            idx_s, base_s = [], []
+            idx_s, base_s, cpu_s = [], [], []
             result = None
             for r in range(args.repeat):
                 store_dir = os.path.join(scratch, f"{name}-{r}")
-                t = time.monotonic()
+                t, c = time.monotonic(), cpu_seconds()
                 result = index_once(img, store_dir, name)
                 idx_s.append(time.monotonic() - t)
+                cpu_s.append(cpu_seconds() - c)
                 base_s.append(unpack_baseline(img, scratch))
                 if r < args.repeat - 1:
                     shutil.rmtree(store_dir)
             assert result is not None
             open_ms, index_bytes, inodes = open_time_ms(os.path.join(scratch, f"{name}-{args.repeat - 1}"), name)
-            rows.append((name, content, statistics.median(idx_s), statistics.median(base_s), result, open_ms, index_bytes, inodes))
+            rows.append((name, content, statistics.median(idx_s), statistics.median(base_s), result, open_ms, index_bytes,
+                         statistics.median(cpu_s)))
             print(f"{name}: indexed {content / MB:.0f} MB in {statistics.median(idx_s):.2f} s; unpack {statistics.median(base_s):.2f} s", file=sys.stderr)
 
         # Torch after numpy, in one store: what the second image adds.
@@ -137,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             f"`python -m bench indexing --repeat {args.repeat}` on {when}; {platform.node()}, "
             f"{os.cpu_count()} cores, Python {platform.python_version()}, local-directory store on the same disk. "
             "Baseline, same run, same layers: `tar --zstd -xf` of every layer to local disk (decompress + unpack). "
-            "Content is uncompressed layer bytes; times are medians.", "",
-            "| image | entries | layer content | index time | index MB/s | unpack baseline | imagefs / baseline time | index size | bytes/entry | open |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "Content is uncompressed layer bytes; times are medians. `CPU` is the indexer's own user+system "
+            "time (all threads); `CPU ceiling` = content / (CPU / 2): the throughput this much work allows on "
+            "two otherwise idle cores, an upper bound (it assumes both stay busy) that does not depend on "
+            f"what else the shared machine runs (load average at the end of this run: {os.getloadavg()[0]:.1f}).", "",
+            "| image | entries | layer content | index time | index MB/s | CPU | CPU ceiling, 2 cores | unpack baseline | imagefs / baseline time | index size | bytes/entry | open |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, content, t_idx, t_base, result, open_ms, index_bytes, inodes in rows:
+        for name, content, t_idx, t_base, result, open_ms, index_bytes, cpu in rows:
             lines.append(
                 f"| {name} | {result.entries} | {content / MB:.0f} MB | {t_idx:.2f} s | {content / MB / t_idx:.0f} | "
+                f"{cpu:.1f} s | {content / MB / (cpu / 2):.0f} | "
                 f"{t_base:.2f} s ({content / MB / t_base:.0f} MB/s) | {t_idx / t_base:.2f}x | {index_bytes / 1024:.0f} KiB | "
                 f"{index_bytes / result.entries:.0f} | {open_ms:.1f} ms |"
             )
