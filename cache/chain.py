@@ -111,6 +111,7 @@ class ChunkChain:
         self._inflight: dict[bytes, _Flight] = {}
         self._fill_queue: deque[tuple[ChunkRef, bytes]] = deque()
         self._fill_pending: dict[bytes, bytes] = {}
+        self._fill_room: trio.Event | None = None  # set when the write-behind queue has room again
         self._fill_bytes = 0
         self._filler_running = False
         self._fill_idle: trio.Event | None = None
@@ -168,15 +169,18 @@ class ChunkChain:
             flight.done.set()
 
     async def _load(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
-        run = contiguous_run(ref, neighbours, self.blob.max_range) if neighbours else []
-        held: set[bytes] = set()
+        # The SSD first, for ref alone: neighbours (lazy, and costly to work out on a
+        # big index) only matter when a fetch from below follows.
         if self.ssd is not None:
             async with self._ssd_read:
-                data, held = await trio.to_thread.run_sync(self._ssd_probe, ref, run,
-                                                           limiter=self._threads)
+                data = await trio.to_thread.run_sync(self._ssd_get, ref, limiter=self._threads)
             if data is not None:
                 self.memory.put(ref, data)
                 return data
+        run = contiguous_run(ref, neighbours, self.blob.max_range) if neighbours else []
+        held: set[bytes] = set()
+        if run and self.ssd is not None:
+            held = await trio.to_thread.run_sync(self._ssd_holds, run, limiter=self._threads)
         async with self._demand:
             claimed = self._claim(ref, run, held)
             got: dict[bytes, bytes] = {}
@@ -190,18 +194,23 @@ class ChunkChain:
         self._fill(ref, data)
         return data
 
-    def _ssd_probe(self, ref: ChunkRef, run: Sequence[ChunkRef]) -> tuple[bytes | None, set[bytes]]:
-        """(worker thread) ref's bytes from the SSD, else which neighbours the SSD holds."""
+    def _ssd_holds(self, run: Sequence[ChunkRef]) -> set[bytes]:
+        """(worker thread) Which of ``run`` the SSD tier holds (they need no fetch)."""
+        assert self.ssd is not None
+        try:
+            return self.ssd.contains_many(n.digest for n in run)
+        except Exception:
+            return set()
+
+    def _ssd_get(self, ref: ChunkRef) -> bytes | None:
+        """(worker thread) ref's verified bytes from the SSD tier, or None."""
         assert self.ssd is not None
         try:  # a broken SSD is a miss, never a failed read
-            data = self.ssd.get(ref)
-            if data is not None or not run:
-                return data, set()
-            return None, self.ssd.contains_many(n.digest for n in run)
+            return self.ssd.get(ref)
         except Exception as e:
             log.warning("ssd tier: %s: %r", ref, e)
             self.ssd.counters.add(errors=1)
-            return None, set()
+            return None
 
     def _held_locally(self, digest: bytes) -> bool:
         return digest in self._inflight or digest in self._fill_pending or digest in self.memory
@@ -218,12 +227,13 @@ class ChunkChain:
             claimed.append((n, f))
         return claimed
 
-    def _settle(self, claimed: Sequence[tuple[ChunkRef, _Flight]], got: dict[bytes, bytes]) -> None:
+    def _settle(self, claimed: Sequence[tuple[ChunkRef, _Flight]], got: dict[bytes, bytes], *,
+                may_drop: bool = True) -> None:
         """Fill what arrived for the claimed chunks and release their waiters."""
         for r, f in claimed:
             data = got.get(r.digest)
             if data is not None:
-                self._fill(r, data)
+                self._fill(r, data, may_drop=may_drop)
             f.data = data
             if self._inflight.get(r.digest) is f:
                 del self._inflight[r.digest]
@@ -284,11 +294,15 @@ class ChunkChain:
 
     # ---- fills (write-behind to the SSD) -------------------------------------------
 
-    def _fill(self, ref: ChunkRef, data: bytes) -> None:
+    def _fill(self, ref: ChunkRef, data: bytes, *, may_drop: bool = True) -> None:
+        """Keep ``data`` in memory and queue it for the SSD. A demand fill is dropped
+        when the queue is full (a reader never waits on the disk); a prefetch fill is
+        not, because prefetch waits for room before each run, which bounds the queue
+        at ``max_fill_pending`` plus what the prefetches in flight bring."""
         self.memory.put(ref, data)
         if self.ssd is None or ref.digest in self._fill_pending:
             return
-        if self._fill_bytes + len(data) > self.max_fill_pending:
+        if may_drop and self._fill_bytes + len(data) > self.max_fill_pending:
             self._fill_dropped += 1
             return
         self._fill_queue.append((ref, data))
@@ -317,11 +331,23 @@ class ChunkChain:
                     for r, data in batch:
                         if self._fill_pending.pop(r.digest, None) is not None:
                             self._fill_bytes -= len(data)
+                    if self._fill_room is not None and self._fill_bytes <= self.max_fill_pending // 2:
+                        self._fill_room.set()
+                        self._fill_room = None
         finally:
             self._filler_running = False
+            if self._fill_room is not None:  # nothing left to write: room for everyone
+                self._fill_room.set()
+                self._fill_room = None
             if self._fill_idle is not None:
                 self._fill_idle.set()
                 self._fill_idle = None
+
+    async def _wait_for_fill_room(self) -> None:
+        while self.ssd is not None and self._fill_bytes > self.max_fill_pending // 2:
+            if self._fill_room is None:
+                self._fill_room = trio.Event()
+            await self._fill_room.wait()
 
     async def drain(self) -> None:
         """Wait until every queued SSD fill has been written."""
@@ -366,6 +392,9 @@ class ChunkChain:
                     held = set()
                 todo = [r for r in todo if r.digest not in held]
             while todo:
+                # Background work waits for write-behind room instead of having its
+                # fills dropped (demand fills never wait, and are dropped when full).
+                await self._wait_for_fill_room()
                 # Re-check and claim right before reading (no await in between).
                 todo = [r for r in todo if not self._held_locally(r.digest)]
                 if not todo:
@@ -386,7 +415,7 @@ class ChunkChain:
                 except Exception:
                     log.exception("prefetch of %s", claimed[0][0])
                 finally:
-                    self._settle(claimed, got)
+                    self._settle(claimed, got, may_drop=False)
                 n = sum(1 for r, _ in claimed if r.digest in got)
                 self._prefetched += n
                 self._prefetch_failed += len(claimed) - n

@@ -418,3 +418,31 @@ def test_a_cancelled_get_does_not_cancel_the_shared_fetch(store: CountingStore) 
 
     run(main)
     assert got == [chunk] and store.range_reads == 1
+
+
+class PacedSSD(SSDTier):
+    """A real SSD tier on a disk slower than the network: each batch takes a while."""
+
+    def put_many(self, items):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        return super().put_many(items)
+
+
+def test_prefetch_waits_for_write_behind_room_instead_of_dropping(store: CountingStore, tmp_path: Path) -> None:
+    """Prefetch is background work: when the SSD is slower than the fetches, it waits
+    for the write-behind queue, so everything it fetched lands on the SSD."""
+    chunks = random_chunks(40, 64 * KIB, seed=21, compressible=False)
+    refs = write_pack(store, chunks[:20]) + write_pack(store, chunks[20:])
+    ssd = PacedSSD(str(tmp_path / "ssd"), 64 << 20)
+    chain = ChunkChain(BlobTier(store, max_range=256 * KIB), ssd, MemoryTier(64 << 20),
+                       max_fill_pending=256 * KIB)  # room for 4 chunks
+
+    async def main() -> int:
+        fetched = await chain.prefetch(refs)
+        await chain.drain()
+        return fetched
+
+    assert trio.run(main) == 40
+    s = chain.stats()
+    assert s.fill_dropped == 0 and s.fill_pending == 0
+    assert ssd.contains_many(r.digest for r in refs) == {r.digest for r in refs}
