@@ -152,7 +152,7 @@ def _mounted_at(real_path: str) -> bool:
     return any(m.mountpoint == real_path for m in find_mounts())
 
 
-def _is_imagefs_mount(mountpoint: str) -> bool:
+def is_imagefs_mount(mountpoint: str) -> bool:
     return _mounted_at(os.path.realpath(mountpoint))
 
 
@@ -569,7 +569,7 @@ def _stop_daemon(pid: int, mountpoint: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             _wait_exit(pid, 5.0)
-    if _is_imagefs_mount(mountpoint):
+    if is_imagefs_mount(mountpoint):
         subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
 
 
@@ -608,7 +608,7 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
     started while it was mounted), which keeps the FUSE session open.
     """
     mp = os.path.realpath(mountpoint)
-    if not _is_imagefs_mount(mp):
+    if not is_imagefs_mount(mp):
         raise MountError(f"{mountpoint}: not an imagefs mount")
     paths = RunPaths.of(mp)
     pid = _daemon_pid(paths)
@@ -640,7 +640,7 @@ def query_stats(mountpoint: str, *, timeout: float = 5.0) -> dict[str, Any]:
     import socket
 
     paths = RunPaths.of(mountpoint)
-    if not _is_imagefs_mount(paths.mountpoint):
+    if not is_imagefs_mount(paths.mountpoint):
         raise MountError(f"{mountpoint}: not an imagefs mount")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

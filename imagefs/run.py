@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 from imagefs.runtime_config import ConfigError, RunSpec, runtime_config
 
@@ -58,16 +58,6 @@ def _flock(path: str, mode: int) -> Iterator[int]:
         os.close(fd)  # closing drops the lock
 
 
-def _is_mounted(path: str) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
-                return True
-    return False
-
-
 @contextlib.contextmanager
 def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: Timings) -> Iterator[str]:  # noqa: F821
     """The host's mount of ``digest``, started if absent; unmounted by the last user.
@@ -78,7 +68,7 @@ def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: T
     exclusively is the last user: it unmounts and removes the mount point and the
     users file, leaving nothing behind.
     """
-    from imagefs.mount import start_mount, unmount
+    from imagefs.mount import is_imagefs_mount, start_mount, unmount
 
     os.makedirs(IMAGES_DIR, exist_ok=True)
     mountpoint = os.path.join(IMAGES_DIR, digest.split(":", 1)[1])
@@ -87,7 +77,7 @@ def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: T
         users_fd = os.open(users_path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
         try:
-            if _is_mounted(mountpoint):
+            if is_imagefs_mount(mountpoint):
                 timings.reused_mount = True
             else:
                 os.makedirs(mountpoint, exist_ok=True)
@@ -95,17 +85,19 @@ def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: T
                 start_mount(digest, mountpoint, opts)
                 timings.mount_s = time.monotonic() - t0
         except BaseException:
-            _release(users_fd, users_path, mountpoint, unmount)
+            _release(users_fd, users_path, mountpoint)
             raise
     try:
         yield mountpoint
     finally:
         with _flock(IMAGES_DIR + ".lock", fcntl.LOCK_EX):
-            _release(users_fd, users_path, mountpoint, unmount)
+            _release(users_fd, users_path, mountpoint)
 
 
-def _release(users_fd: int, users_path: str, mountpoint: str, unmount: Callable[[str], None]) -> None:
+def _release(users_fd: int, users_path: str, mountpoint: str) -> None:
     """(under the host-wide lock) Drop our use; the last user tears the mount down."""
+    from imagefs.mount import is_imagefs_mount, unmount
+
     fcntl.flock(users_fd, fcntl.LOCK_UN)
     try:
         fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,7 +108,7 @@ def _release(users_fd: int, users_path: str, mountpoint: str, unmount: Callable[
     if not last:
         return
     try:
-        if _is_mounted(mountpoint):
+        if is_imagefs_mount(mountpoint):
             unmount(mountpoint)
         os.rmdir(mountpoint)
         os.unlink(users_path)
