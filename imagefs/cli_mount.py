@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from imagefs.cli import CLIError, add_store_options, parse_size, size_arg
+from imagefs.cli import CLIError, add_store_options, size_arg
 
 if TYPE_CHECKING:
     from imagefs.mount import MountOptions

@@ -20,13 +20,15 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from imagefs.runtime_config import ConfigError, RunSpec, runtime_config
+
+if TYPE_CHECKING:
+    from imagefs.mount import MountOptions
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def _flock(path: str, mode: int) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: Timings) -> Iterator[str]:  # noqa: F821
+def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: Timings) -> Iterator[str]:
     """The host's mount of ``digest``, started if absent; unmounted by the last user.
 
     One host-wide lock (``/run/imagefs/images.lock``, held briefly) serialises
@@ -68,7 +70,7 @@ def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: T
     exclusively is the last user: it unmounts and removes the mount point and the
     users file, leaving nothing behind.
     """
-    from imagefs.mount import is_imagefs_mount, start_mount, unmount
+    from imagefs.mount import is_imagefs_mount, start_mount
 
     os.makedirs(IMAGES_DIR, exist_ok=True)
     mountpoint = os.path.join(IMAGES_DIR, digest.split(":", 1)[1])
@@ -156,7 +158,7 @@ def _watch_start(pid_file: str, t0: float, timings: Timings, done: threading.Eve
         time.sleep(0.001)
 
 
-def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | None = None) -> tuple[int, Timings]:  # noqa: F821
+def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | None = None) -> tuple[int, Timings]:
     """Run one container to completion; returns (exit status, timings)."""
     from cache.stores import open_store
     from imagefs.index_cache import load_index

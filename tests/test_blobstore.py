@@ -17,7 +17,7 @@ import pytest
 
 from cache.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from cache.localstore import LocalStore
-from tests.support.seaweed import Seaweed, seaweed  # noqa: F401  (session fixture)
+from tests.support.seaweed import Seaweed  # the `seaweed` session fixture comes from conftest.py
 
 pytestmark = pytest.mark.timeout(60)
 

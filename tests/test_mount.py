@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from cache.localstore import LocalStore
-from imagefs.cli_mount import parse_size
+from imagefs.cli import parse_size
 from imagefs.mount import FAULT_ENV, MountError, MountOptions, RunPaths, find_mounts, query_stats, start_mount
 from indexer.build import build_image
 from tests.support.images import write_oci_layout

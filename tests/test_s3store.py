@@ -19,7 +19,7 @@ from cache.blobstore import BlobNotFound, BlobStoreError
 from cache.s3store import S3Store
 from cache.stores import open_store
 from tests.support.faultproxy import FaultProxy
-from tests.support.seaweed import Seaweed, seaweed  # noqa: F401  (session fixture)
+from tests.support.seaweed import Seaweed  # the `seaweed` session fixture comes from conftest.py
 
 pytestmark = pytest.mark.timeout(60)
 
