@@ -178,7 +178,11 @@ def serve_agent(path: str | None = None) -> None:
                     break
                 raise
             with conn:
-                _handle(conn, sock, stamp)
+                try:
+                    _handle(conn, sock, stamp)
+                except Exception:  # one bad request must not end the agent
+                    log.exception("agent: request failed")
+                    _reply(conn, {"error": "internal error in the agent"})
     finally:
         with contextlib.suppress(OSError):
             sock.close()
@@ -203,6 +207,8 @@ def _handle(conn: socket.socket, listener: socket.socket, stamp: float) -> None:
                 break
             data += more
         req = json.loads(data)
+        if not isinstance(req, dict) or not {"image", "mountpoint", "options", "env", "log"} <= req.keys():
+            raise ValueError("a request is a JSON object with image, mountpoint, options, env and log")
         if len(fds) != 1:
             raise ValueError("a request carries exactly one readiness fd")
     except (OSError, ValueError) as e:

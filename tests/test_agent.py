@@ -122,3 +122,29 @@ def test_a_second_agent_does_not_steal_the_socket(env) -> None:  # type: ignore[
         assert agent.poll() is None and os.path.exists(env["socket"])
     finally:
         stop(agent)
+
+
+def test_a_malformed_request_is_refused_and_the_agent_keeps_serving(env, image, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import array
+    import json
+    import socket
+
+    store, data = image
+    agent = start_agent(env["socket"])
+    try:
+        r, w = os.pipe()
+        for body in (b"not json\n", b"[1, 2, 3]\n", json.dumps({"image": "x"}).encode() + b"\n"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(env["socket"])
+                s.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+                answer = json.loads(s.recv(4096))
+            assert "bad request" in answer["error"]
+        os.close(r)
+        os.close(w)
+        assert agent.poll() is None
+        with mounted("agent-test", str(tmp_path / "mp"), MountOptions(store=store, cache_dir=str(tmp_path / "c"))) as m:
+            assert "agent" in cmdline(m.pid)
+            with open(os.path.join(m.path, "data/blob"), "rb") as f:
+                assert f.read() == data
+    finally:
+        stop(agent)
