@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -98,7 +99,7 @@ def write_packs(
     digests not in the spill are skipped). Returns (locations, bytes written)."""
     locations: dict[bytes, ChunkLocation] = {}
     written = 0
-    pending: list[Future[None]] = []
+    pending: deque[Future[None]] = deque()  # oldest first; every one is .result()-ed
     pool = ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="upload")
 
     def upload(pack_digest: bytes, data: bytes, toc: bytes) -> None:
@@ -116,10 +117,9 @@ def write_packs(
         pack_digest = digest_of(data)
         for d, off, clen, ulen in entries:
             locations[d] = ChunkLocation(pack_digest, off, clen, ulen)
-        # Bound memory: at most UPLOAD_WORKERS packs waiting.
-        while len([f for f in pending if not f.done()]) >= UPLOAD_WORKERS:
-            pending[0].result()
-            pending[:] = [f for f in pending if not f.done()]
+        # Bound memory at UPLOAD_WORKERS packs: wait for the oldest, raising its error.
+        while len(pending) >= UPLOAD_WORKERS:
+            pending.popleft().result()
         pending.append(pool.submit(upload, pack_digest, data, encode_toc(entries)))
         written += len(data)
         if on_bytes:
@@ -141,8 +141,8 @@ def write_packs(
             if len(buf) >= target_size:
                 flush()
         flush()
-        for f in pending:
-            f.result()  # re-raise the first upload error
+        while pending:
+            pending.popleft().result()  # re-raise the first upload error
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return locations, written

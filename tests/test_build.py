@@ -8,6 +8,7 @@ layer merge, and checks the result against an independent reference extraction
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -267,3 +268,39 @@ def test_registry_errors_are_refused_and_store_unchanged(tmp_path, capsys, statu
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"imagefs: {ref}") and words in err, err
     assert _store_snapshot(root) == before
+
+
+class _FlakyPackStore(LocalStore):
+    """A real local store whose disk fails one pack write (a fault that cannot be made
+    on demand for real) while the other pack writes are slow."""
+
+    def __init__(self, root: str, fail_at: int) -> None:
+        super().__init__(root)
+        self.fail_at = fail_at
+        self.packs = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        import time
+
+        from cache.blobstore import BlobStoreError
+
+        if key.startswith("packs/"):
+            self.packs += 1
+            if self.packs == self.fail_at:
+                raise BlobStoreError(f"{self.url}: writing {key}: No space left on device")
+            time.sleep(0.2)
+        super().put(key, data)
+
+
+def test_a_failed_pack_upload_is_never_lost_behind_slower_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cache.blobstore import BlobStoreError
+    from indexer.chunker import ChunkSpill
+    from indexer.packer import UPLOAD_WORKERS, write_packs
+
+    n = UPLOAD_WORKERS * 2 + 1
+    with ChunkSpill(set(), 64 * 1024) as spill:
+        digests = [d for i in range(n) for d in spill.add_file(b"f", 64 * 1024, io.BytesIO(os.urandom(64 * 1024)))]
+        spill.finish()
+        store = _FlakyPackStore(str(tmp_path / "store"), fail_at=2)  # fails fast while pack 1 is still writing
+        with pytest.raises(BlobStoreError, match="No space left"):
+            write_packs(store, spill, digests, target_size=1)  # one chunk per pack
