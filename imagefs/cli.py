@@ -79,20 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that command group is not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     # Accept -v/-q after the subcommand too (``imagefs index --quiet``), as users type them.
-    for subparser in sub.choices.values():
-        taken = subparser._option_string_actions
-        if "-v" not in taken and "--verbose" not in taken:
-            subparser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        if "-q" not in taken and "--quiet" not in taken:
-            subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    # An alias (umount/unmount) maps to the same parser: visit each parser once.
+    for subparser in {id(p): p for p in sub.choices.values()}.values():
+        subparser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -102,18 +94,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cache.stores import StoreURLError
     from indexer.catalog import ImageNotFound, InvalidImageName
     from indexer.format import IndexFormatError
+    from indexer.layers import LayerError
     from indexer.sources import SourceError
 
-    errors: list[type[BaseException]] = [
-        CLIError, BlobStoreError, StoreURLError, SourceError, IndexFormatError, ImageNotFound, InvalidImageName,
-    ]
-    try:
-        from indexer.layers import LayerError
-
-        errors.append(LayerError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (CLIError, BlobStoreError, StoreURLError, SourceError, LayerError, IndexFormatError, ImageNotFound,
+            InvalidImageName)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -125,7 +125,7 @@ def build_image(
         progress.phase("reading store")
         known = load_known_chunks(store)
         tree = Tree()
-        with ChunkSpill(set(known), chunk_size) as spill:
+        with ChunkSpill(known.keys(), chunk_size) as spill:
             spill.on_bytes = progress.advance
             for i, layer in enumerate(src.layers, 1):
                 label = f"layer {i}/{len(src.layers)} {layer.digest[7:19]}"
@@ -143,7 +143,8 @@ def build_image(
                         reader.abort()
             spill.finish()
 
-            order = [d for _path, node in tree.walk() if node.is_reg for d in node.chunks]
+            walked = tree.walk()
+            order = [d for _path, node in walked if node.is_reg for d in node.chunks]
             progress.phase("writing packs", sum(c.clen for c in spill.spilled.values()))
             new_locations, stored = write_packs(store, spill, order, on_bytes=progress.advance)
 
@@ -160,20 +161,13 @@ def build_image(
         src.close()
         progress.close()
 
-    entries = files = 0
-    distinct: set[bytes] = set()
-    seen_nodes: set[int] = set()
-    for _path, node in tree.walk():
-        entries += 1
-        if node.is_reg and id(node) not in seen_nodes:
-            seen_nodes.add(id(node))
-            files += 1
-            distinct.update(node.chunks)
+    files = {id(node): node for _path, node in walked if node.is_reg}  # a hardlinked file once
+    distinct = {d for node in files.values() for d in node.chunks}
     return BuildResult(
         digest=digest,
         name=name or None,
-        entries=entries,
-        files=files,
+        entries=len(walked),
+        files=len(files),
         content_bytes=spill.content_bytes,
         chunks=len(distinct),
         new_chunks=len(new_locations),

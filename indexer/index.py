@@ -49,7 +49,8 @@ class Index:
         self.chunk_size = h.chunk_size
         self.n_inodes = h.n_inodes
         self._strings = h.strings_off
-        self._extents = self._mv[h.extents_off: h.extents_off + 4 * h.n_extents].cast("I")
+        # Read through a memoryview cast, not EXTENT.unpack_from: one u32 per chunk, indexed directly.
+        self._extents = self._mv[h.extents_off: h.extents_off + EXTENT.size * h.n_extents].cast("I")
         self._pack_keys: list[str | None] = [None] * h.n_packs
         self._meta: dict[str, Any] | None = None
 
@@ -248,4 +249,3 @@ class Index:
 
 
 __all__ = ["Index", "Inode", "ROOT_INO", "IndexFormatError", "pack_key"]
-_ = EXTENT  # the extents table is read through a memoryview cast, not this struct
