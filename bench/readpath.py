@@ -72,7 +72,7 @@ from typing import IO, Any, TypeVar
 import zstandard
 
 from bench.images import BenchImage, ensure_images, resolve_workdir
-from bench.scenarios import drop_caches, force_unmount, fuse_from_stats, is_mounted, tiers_from_stats
+from bench.scenarios import drop_caches, force_unmount, fuse_from_stats, is_mounted, stop_process, tiers_from_stats
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
@@ -364,13 +364,7 @@ class Scratch:
                 subprocess.run([IMAGEFS, "-q", "umount", mp], capture_output=True, timeout=60)
             force_unmount(Path(mp))
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            stop_process(proc)
         still = self.mounts()
         if still:
             log(f"leaving {self.root} in place: still mounted: {', '.join(still)}")

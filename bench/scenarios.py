@@ -536,15 +536,20 @@ def _killpg(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _stop_fuse_daemon(mp: Path, proc: subprocess.Popen[bytes]) -> None:
-    force_unmount(mp)
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``grace`` seconds."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def _stop_fuse_daemon(mp: Path, proc: subprocess.Popen[bytes]) -> None:
+    force_unmount(mp)
+    stop_process(proc)
     force_unmount(mp)
 
 
