@@ -14,14 +14,15 @@ import logging
 import time
 
 from cache.chain import ChunkChain
+from cache.chunk import ChunkRef
 from indexer.index import Index
 
 log = logging.getLogger(__name__)
 
 
-def plan(index: Index, budget: int) -> list:  # type: ignore[type-arg]
+def plan(index: Index, budget: int) -> list[ChunkRef]:
     """The chunks to prefetch, in chunk-table (pack) order, within ``budget`` compressed bytes."""
-    refs = []
+    refs: list[ChunkRef] = []
     total = 0
     for ref in index.all_chunks():
         if total + ref.clen > budget:
