@@ -269,8 +269,12 @@ def test_threads_share_one_tier(tmp_path: Path) -> None:
     problems: list[str] = []
     with SSDTier(str(tmp_path), bound, fsync=False) as ssd:
         def worker(k: int) -> None:
+            # Each thread reads every chunk three times in a row: the repeats must
+            # hit, because at most a few other puts can land in between and the
+            # bound holds 32 chunks. A plain cyclic scan wider than the bound would
+            # make hits depend on how the threads happen to interleave.
             for n in range(150):
-                i = (n * 7 + k * 13) % len(chunks)
+                i = ((n // 3) * 7 + k * 13) % len(chunks)
                 got = ssd.get(ref_for(chunks[i]))
                 if got is None:
                     ssd.put(ref_for(chunks[i]), chunks[i])
