@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Iterable
 import lmdb
 
 from cache.chunk import ChunkRef, CorruptChunk, verify
+from cache.directio import DirectReader
 from cache.stats import Counters, TierStats
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ class SSDTier:
 
     def __init__(self, directory: str, max_bytes: int, *, map_size: int = DEFAULT_MAP_SIZE,
                  fsync: bool = False, touch_after: float = 2.0, touch_batch: int = 64,
-                 touch_interval: float = 2.0) -> None:
+                 touch_interval: float = 2.0, direct: bool = True) -> None:
         if max_bytes < 0:
             raise ValueError(f"ssd tier {directory}: max_bytes must be >= 0, got {max_bytes}")
         self.directory = os.path.abspath(directory)
@@ -172,6 +173,7 @@ class SSDTier:
         self._touches: dict[bytes, int] = {}
         self._last_flush = time.time_ns()
         self.counters = Counters(self.name)
+        self._reader = DirectReader(direct)
         self.sweep_temps()
 
     # ---- paths -------------------------------------------------------------------
@@ -220,9 +222,7 @@ class SSDTier:
             return None
         size, atime = rec
         try:
-            with open(self.path_of(digest), "rb", buffering=0) as f:
-                ino = os.fstat(f.fileno()).st_ino
-                data = f.readall()
+            data, ino = self._reader.read(self.path_of(digest), size)
         except FileNotFoundError:
             self._forget(digest, None)
             return None
