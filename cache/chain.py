@@ -140,7 +140,9 @@ class ChunkChain:
             flight = self._inflight.get(d)
             if flight is None:
                 flight = self._inflight[d] = _Flight(primary=True)
-                trio.lowlevel.spawn_system_task(self._run_demand, ref, tuple(neighbours), flight,
+                # ``neighbours`` is passed on unevaluated: it may be lazy and costly
+                # (a pack walk), and an SSD hit never needs it.
+                trio.lowlevel.spawn_system_task(self._run_demand, ref, neighbours, flight,
                                                 name=f"imagefs fetch {ref.hex[:16]}")
             else:
                 self._joined += 1
