@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a large local file (default: the read-path bench's 1 GiB file)")
     ap.add_argument("--files", type=int, default=2000, help="small files for the per-file round trips")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--write", action="store_true", help="put the section into bench/RESULTS.md")
     ap.add_argument("--serve", nargs=4, metavar=("MP", "MODE", "BIG", "FILES"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -180,26 +181,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         m.close()
         subprocess.run(["rm", "-rf", local_dir], check=False)
 
+    out: list[str] = []
     mb = size / 1e6
     local = median(results["local"])
-    print(f"## FUSE floor\n\n`python -m bench fusefloor --repeat {args.repeat}` on "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores; pyfuse3 + trio, "
-          f"read_ahead_kb 32768, {size >> 20} MiB file, page cache dropped before each read. Medians.\n")
-    print("| read path | MB/s | vs local disk cold (same run) |")
-    print("|---|---|---|")
-    print(f"| local disk, cold | {mb / local:,.0f} | 1.00x |")
+    out.append(f"## FUSE floor\n\n`python -m bench fusefloor --repeat {args.repeat}` on "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores; pyfuse3 + trio, "
+               f"read_ahead_kb 32768, {size >> 20} MiB file, page cache dropped before each read. Medians.\n")
+    out.append("| read path | MB/s | vs local disk cold (same run) |")
+    out.append("|---|---|---|")
+    out.append(f"| local disk, cold | {mb / local:,.0f} | 1.00x |")
     for mode, label in (("static", "pyfuse3, every read answered from one buffer (no I/O)"),
                         ("pread", "pyfuse3, every read a pread of the local file on a worker thread")):
         t = median(results[mode])
-        print(f"| {label} | {mb / t:,.0f} | {local / t:.2f}x |")
+        out.append(f"| {label} | {mb / t:,.0f} | {local / t:.2f}x |")
     hot_local, hot_fuse = median(results["local hot"]), median(results["static hot"])
-    print(f"| local disk, hot (page cache) | {mb / hot_local:,.0f} | |")
-    print(f"| pyfuse3, hot (page cache, keep_cache: no request reaches the daemon) | {mb / hot_fuse:,.0f} | "
-          f"{hot_local / hot_fuse:.2f}x local hot |")
+    out.append(f"| local disk, hot (page cache) | {mb / hot_local:,.0f} | |")
+    out.append(f"| pyfuse3, hot (page cache, keep_cache: no request reaches the daemon) | {mb / hot_fuse:,.0f} | "
+               f"{hot_local / hot_fuse:.2f}x local hot |")
     fuse_us, local_us = median(per_fuse) * 1e6, median(per_local) * 1e6
-    print(f"\nPer small file read through the do-nothing FUSE file system (lookup, open, read, release "
-          f"at the daemon; {args.files} files): {fuse_us:.0f} us, against {local_us:.0f} us for the same "
-          f"syscalls on local files in the page cache: {fuse_us - local_us:.0f} us of round trips per file.")
+    out.append(f"\nPer small file read through the do-nothing FUSE file system (lookup, open, read, release "
+               f"at the daemon; {args.files} files): {fuse_us:.0f} us, against {local_us:.0f} us for the same "
+               f"syscalls on local files in the page cache: {fuse_us - local_us:.0f} us of round trips per file.")
+    text = "\n".join(out) + "\n"
+    print(text, end="")
+    if args.write:
+        from bench.readpath import write_section
+        write_section(text)
     return 0
 
 
