@@ -23,6 +23,9 @@ _EOF = object()
 class BackgroundReader(io.RawIOBase):
     """``read`` from ``stream`` through a bounded queue of ``block``-sized reads.
 
+    :meth:`read_block` hands the blocks over as they are, without a copy (what the
+    layer merge reads); ``read(n)`` copies only what it cuts out of a block.
+
     Call :meth:`finish` after a clean parse: it consumes whatever the parser left and
     waits until the stream has been read to its end and closed (which verifies it).
     :meth:`abort` stops the worker without reading on (for the error path).
@@ -34,7 +37,8 @@ class BackgroundReader(io.RawIOBase):
         self._block = block
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._buf = memoryview(b"")
+        self._buf = b""  # the current block
+        self._pos = 0  # how much of it was read
         self._done = False
         self._thread = threading.Thread(target=self._run, name="layer-reader", daemon=True)
         self._thread.start()
@@ -49,9 +53,12 @@ class BackgroundReader(io.RawIOBase):
         return False
 
     def _run(self) -> None:
+        # read1 hands over the stream's own blocks (a LayerStream's are 1 MiB bytes,
+        # passed on without a copy); read would re-cut them.
+        read = getattr(self._stream, "read1", None) or self._stream.read
         try:
             while not self._stop.is_set():
-                data = self._stream.read(self._block)
+                data = read(self._block)
                 if not data:
                     self._stream.close()  # verifies what was read
                     self._put(_EOF)
@@ -74,28 +81,39 @@ class BackgroundReader(io.RawIOBase):
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        self._buf = memoryview(item)  # type: ignore[arg-type]
+        self._buf, self._pos = item, 0  # type: ignore[assignment]
         return True
+
+    def read_block(self) -> bytes:
+        """The rest of the current block, or the next whole block: no copy when the
+        current one is untouched; b"" at the end."""
+        if self._pos >= len(self._buf) and not self._next():
+            return b""
+        buf, pos = self._buf, self._pos
+        self._buf, self._pos = b"", 0
+        return buf[pos:] if pos else buf
 
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
-            parts = [bytes(self._buf)]
-            self._buf = memoryview(b"")
-            while self._next():
-                parts.append(bytes(self._buf))
-            self._buf = memoryview(b"")
+            parts = []
+            while block := self.read_block():
+                parts.append(block)
             return b"".join(parts)
-        if not self._buf and not self._next():
+        if self._pos >= len(self._buf) and not self._next():
             return b""
-        out = self._buf[:n]
-        self._buf = self._buf[n:]
-        return bytes(out)
+        buf, pos = self._buf, self._pos
+        if pos == 0 and n >= len(buf):
+            self._buf = b""
+            return buf
+        out = buf[pos:pos + n]
+        self._pos = pos + len(out)
+        return out
 
     def finish(self) -> None:
         """Read to the end of the stream (raising any error it reported) and join."""
-        self._buf = memoryview(b"")
+        self._buf, self._pos = b"", 0
         while self._next():
-            self._buf = memoryview(b"")
+            self._buf, self._pos = b"", 0
         self._thread.join()
 
     def abort(self) -> None:

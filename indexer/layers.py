@@ -7,8 +7,8 @@ floats (PAX nanoseconds lost), and copies file data through a 10 KiB re-bufferin
 loop. The format is small: 512-byte headers, PAX ``x`` records, GNU ``L``/``K`` long
 names. Measured here (2 shared cores, tar in memory): 30,000 files of 300 bytes apply
 at ~35,000-50,000 files/s (iterating the same tar with tarfile: ~20,000-25,000/s), and
-the data of a large file reaches the sink at ~5 GB/s (tarfile: ~0.7 GB/s), since reads
-of 256 KiB and more go straight to the underlying stream.
+the data of a large file reaches the sink at ~5 GB/s (tarfile: ~0.7 GB/s), since every
+read is one slice or one join of the stream's own blocks (see :class:`_Input`).
 
 Semantics follow the OCI image spec, "Applying changesets":
 
@@ -47,6 +47,7 @@ import binascii
 import io
 import os
 import stat
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 from urllib.parse import unquote_to_bytes
@@ -59,8 +60,7 @@ FileSink = Callable[[bytes, int, BinaryIO], list[bytes]]
 BLOCK = 512
 # Largest PAX header or GNU long name we accept (as Go's archive/tar does).
 MAX_SPECIAL = 1 << 20
-# How much of the stream is buffered for headers; file data larger than what is
-# buffered is read straight from the stream.
+# Block size asked of a stream that does not hand over blocks of its own.
 READ_AHEAD = 256 * 1024
 
 WHITEOUT = b".wh."
@@ -99,58 +99,66 @@ def show(raw: bytes) -> str:
 
 
 class _Input:
-    """The layer stream with a read-ahead buffer; counts the bytes consumed."""
+    """The layer stream as a sequence of blocks; counts the bytes consumed.
+
+    Blocks come from the stream's ``read_block`` when it has one (a
+    :class:`~indexer.background.BackgroundReader` hands over its 1 MiB blocks without
+    a copy), else from ``read(READ_AHEAD)``. Every ``read`` returns bytes made with
+    exactly one copy: a slice of the current block, or one join across blocks (the
+    1 MiB chunks of a large file straddle blocks). The previous layout (read-ahead
+    buffer, concatenated refills, re-joined direct reads) copied each content byte two
+    or three times on the thread that parses tar.
+    """
 
     def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
+        self._next_block = getattr(stream, "read_block", None) or (lambda: stream.read(READ_AHEAD))
         self._buf = b""
         self._pos = 0
         self.offset = 0
 
-    def _fill(self) -> bool:
-        data = self._stream.read(READ_AHEAD)
-        if not data:
-            return False
-        self._buf = self._buf[self._pos:] + data if self._pos < len(self._buf) else data
-        self._pos = 0
-        return True
-
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the stream."""
         buf, pos = self._buf, self._pos
-        avail = len(buf) - pos
-        if avail >= n:
-            self._pos = pos + n
+        end = pos + n
+        if end <= len(buf):
+            self._pos = end
             self.offset += n
-            return buf[pos:pos + n]
-        if n - avail < READ_AHEAD:
-            while len(self._buf) - self._pos < n and self._fill():
-                pass
-            got = self._buf[self._pos:self._pos + n]
-            self._pos += len(got)
-        else:
-            # A large read: hand over what is buffered, then read directly.
-            parts = [buf[pos:]]
-            self._buf, self._pos = b"", 0
-            need = n - avail
-            while need:
-                data = self._stream.read(need)
-                if not data:
-                    break
-                parts.append(data)
-                need -= len(data)
-            got = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.offset += len(got)
-        return got
+            return buf[pos:end]
+        parts: list[bytes | memoryview] = [memoryview(buf)[pos:]] if pos < len(buf) else []
+        got = len(buf) - pos if pos < len(buf) else 0
+        buf, pos = b"", 0
+        while got < n:
+            block = self._next_block()
+            if not block:
+                break
+            take = n - got
+            if len(block) > take:
+                parts.append(memoryview(block)[:take])
+                buf, pos = block, take
+                got = n
+                break
+            parts.append(block)
+            got += len(block)
+        self._buf, self._pos = buf, pos
+        self.offset += got
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            return parts[0]  # type: ignore[return-value]
+        return b"".join(parts)
 
     def skip(self, n: int) -> int:
-        """Discard up to ``n`` bytes; return how many were discarded."""
+        """Discard up to ``n`` bytes (without copying them); return how many were discarded."""
         done = 0
         while done < n:
-            got = len(self.read(min(n - done, 1 << 20)))
-            if not got:
-                break
-            done += got
+            avail = len(self._buf) - self._pos
+            if avail <= 0:
+                self._buf, self._pos = self._next_block(), 0
+                if not self._buf:
+                    break
+                continue
+            step = min(avail, n - done)
+            self._pos += step
+            done += step
+        self.offset += done
         return done
 
 
@@ -235,9 +243,17 @@ def _number(field: bytes, what: str, fail: Callable[[str], LayerError]) -> int:
     raise fail(f"invalid {what} field {field!r} in the tar header")
 
 
+def _byte_sum(data: bytes) -> int:
+    """The sum of ``data``'s bytes, for a 512-byte header: adler32's low half is
+    1 + that sum modulo 65521, exact for up to 256 bytes (at most 65280), so two
+    native calls replace a Python-level sum over 512 ints (~2% of the torch build's
+    CPU, on the tar thread)."""
+    return (zlib.adler32(data[:256]) & 0xFFFF) + (zlib.adler32(data[256:]) & 0xFFFF) - 2
+
+
 def _checksum_ok(block: bytes, fail: Callable[[str], LayerError]) -> bool:
     want = _number(block[148:156], "checksum", fail)
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    unsigned = _byte_sum(block) - sum(block[148:156]) + 8 * 32
     if want == unsigned:
         return True
     signed = unsigned - 256 * sum(1 for b in block if b > 127) + 256 * sum(1 for b in block[148:156] if b > 127)

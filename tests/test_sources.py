@@ -396,6 +396,30 @@ def test_multi_member_gzip_and_multi_frame_zstd() -> None:
     assert blob_layer(zs, LAYER_MEDIA_TYPES["zstd"]).open().read() == TAR1
 
 
+def test_zstd_stream_may_end_only_between_frames() -> None:
+    # The stream reader says nothing about a stream cut short; the frame walker must
+    # refuse every cut that does not fall between two whole frames, whatever part of
+    # a frame it falls in (magic, header, block header, block body, checksum, or a
+    # skippable frame), and accept the cuts that do.
+    rng = random.Random(5)
+    data = rng.randbytes(3000) + bytes(200_000) + rng.randbytes(150_000)  # raw, RLE and compressed blocks
+    first = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    skippable = (0x184D2A53).to_bytes(4, "little") + (6).to_bytes(4, "little") + b"ignore"
+    second = zstandard.ZstdCompressor(write_content_size=False, write_dict_id=False).compress(b"tail" * 100)
+    blob = first + skippable + second
+    boundaries = {len(first): data, len(first) + len(skippable): data, len(blob): data + b"tail" * 100}
+    media = LAYER_MEDIA_TYPES["zstd"]
+    assert blob_layer(blob, media).open().read() == data + b"tail" * 100
+    cuts = sorted(set(range(1, 40)) | set(range(len(first) - 40, len(blob))) | set(rng.sample(range(len(first)), 300)))
+    for cut in cuts:
+        layer = blob_layer(blob[:cut], media)
+        if cut in boundaries:
+            assert layer.open().read() == boundaries[cut]
+            continue
+        with pytest.raises(SourceError, match=r"(truncated|corrupt) zstd stream"):
+            layer.open().read()
+
+
 def test_uncompressed_media_types_are_sniffed() -> None:
     # docker save writes whatever its store holds under the uncompressed label; the
     # digest may then name the blob or (docker's diff_id) the uncompressed tar
