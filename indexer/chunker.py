@@ -100,14 +100,11 @@ class ChunkSpill:
         self.on_bytes: Callable[[int], None] | None = None
 
     def add_file(self, path: bytes, size: int, reader: BinaryIO) -> list[bytes]:
-        """Read exactly ``size`` bytes of one file; returns its chunk digests in order.
-
-        A reader with ``read_chunk`` (the layer merge's) hands over buffers without a
-        copy; any other is read with ``read``."""
+        """Read exactly ``size`` bytes of one file; returns its chunk digests in order."""
         digests: list[bytes] = []
         remaining = size
         cs = self.chunk_size
-        read = getattr(reader, "read_chunk", None) or reader.read
+        read = reader.read
         while remaining > 0:
             want = min(cs, remaining)
             data = read(want)

@@ -225,8 +225,24 @@ def _nts(field: bytes) -> bytes:
     return field.partition(b"\0")[0]
 
 
+# Parsed numeric header fields by their raw bytes: mode, uid, gid and mtime repeat
+# from entry to entry (cProfile on torch: 260,000 parses, ~0.4 s of the tar thread).
+_NUMBERS: dict[bytes, int] = {}
+_NUMBERS_MAX = 1 << 14
+
+
 def _number(field: bytes, what: str, fail: Callable[[str], LayerError]) -> int:
     """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
+    value = _NUMBERS.get(field)
+    if value is None:
+        value = _parse_number(field, what, fail)  # raises for a bad field, which is never cached
+        if len(_NUMBERS) >= _NUMBERS_MAX:
+            _NUMBERS.clear()
+        _NUMBERS[field] = value
+    return value
+
+
+def _parse_number(field: bytes, what: str, fail: Callable[[str], LayerError]) -> int:
     if field[0] & 0x80:
         value = int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
         if field[0] == 0xFF:  # negative, two's complement over the field
@@ -252,7 +268,7 @@ def _byte_sum(data: bytes) -> int:
 
 
 def _checksum_ok(block: bytes, fail: Callable[[str], LayerError]) -> bool:
-    want = _number(block[148:156], "checksum", fail)
+    want = _parse_number(block[148:156], "checksum", fail)  # differs per header: not cached
     unsigned = _byte_sum(block) - sum(block[148:156]) + 8 * 32
     if want == unsigned:
         return True
@@ -341,10 +357,11 @@ def _members(inp: _Input, layer: str) -> Iterator[tuple[_Member, _MemberReader |
     prev = "the start of the archive"
     while True:
         at = inp.offset
-        label = f"header at byte {at} (after {prev})"
 
-        def fail(problem: str, label: str = label) -> LayerError:
-            return LayerError(layer, label, problem)
+        def fail(problem: str, at: int = at, prev: str = prev) -> LayerError:
+            # The label is only formatted for an error: one f-string per header was
+            # measurable on a base image's tens of thousands of entries.
+            return LayerError(layer, f"header at byte {at} (after {prev})", problem)
 
         block = inp.read(BLOCK)
         if not block:
@@ -390,14 +407,14 @@ def _members(inp: _Input, layer: str) -> Iterator[tuple[_Member, _MemberReader |
             name = long_name
         if pax.get(b"path"):
             name = pax[b"path"]
-        label = show(name) or label
+        label = show(name) or f"header at byte {at} (after {prev})"
         prev = label
 
         def fail_m(problem: str, label: str = label) -> LayerError:
             return LayerError(layer, label, problem)
 
         size = _number(block[124:136], "size", fail_m)
-        if any(key.startswith(b"GNU.sparse.") for key in pax) or typ == b"S":
+        if typ == b"S" or pax and any(key.startswith(b"GNU.sparse.") for key in pax):
             raise fail_m("GNU sparse files are not supported")
         if typ == b"\0" and name.endswith(b"/"):
             typ = b"5"  # pre-POSIX tars mark directories with a trailing slash
