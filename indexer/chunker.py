@@ -10,9 +10,13 @@ chunks out in tree order.
 Compressed chunks are kept in memory up to a budget (``memory_budget``, 512 MiB by
 default: the torch bench image stores ~330 MB) and spilled to a local temporary file
 beyond it, so a multi-GB image stays bounded in memory. Keeping them in memory is what
-makes the pack phase cheap: a pack is then one join of chunks already held, where a
-spill file costs a write and a read back of every compressed byte through the page
-cache (measured on torch: writing packs 1.30 s with the spill file for every chunk).
+makes the pack phase cheap, where a spill file costs a write and a read back of every
+compressed byte through the page cache (measured on torch: writing packs 1.30 s with
+the spill file for every chunk). Held chunks are copied, in arrival order, into
+32 MiB segments: arrival order is tar order, which image builders make the same as
+tree order, so a pack is mostly a few long slices of segments, hashed at full speed
+and written with no join (a join of ~3,000 separate chunks into a fresh 32 MiB
+buffer cost ~28 ms per pack, most of it page faults).
 
 Small chunks are compressed in batches (one worker job per ~``BATCH_BYTES``): a base
 image has tens of thousands of files of a few KiB, and one thread hop per file costs
@@ -45,15 +49,19 @@ SMALL_CHUNK = 64 << 10
 BATCH_BYTES = 256 << 10
 # Spill-file reads are coalesced up to this many bytes.
 MAX_READ = 8 << 20
+# Held chunks are copied into buffers of this size (at most the budget).
+SEGMENT_SIZE = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class SpilledChunk:
-    """A new chunk's compressed bytes: held in memory (``offset`` -1) or in the spill file."""
+    """Where a new chunk's compressed bytes are: at ``offset`` in held segment number
+    ``segment``, or (``segment`` -1) at ``offset`` in the spill file."""
 
     offset: int
     clen: int
     ulen: int
+    segment: int = -1
 
 
 def _compress_all(chunks: Sequence[bytes | memoryview]) -> list[bytes]:
@@ -82,8 +90,11 @@ class ChunkSpill:
         self.known = known
         self.memory_budget = memory_budget
         self.spilled: dict[bytes, SpilledChunk] = {}
-        self.held: dict[bytes, bytes] = {}  # compressed bytes kept in memory
-        self.held_bytes = 0  # compressed bytes held in memory by the end of the first pass
+        self.held_chunks = 0  # new chunks held in memory
+        self.held_bytes = 0  # their compressed bytes
+        self._segments: list[bytearray] = []
+        self._segment_size = max(1, min(SEGMENT_SIZE, memory_budget))
+        self._segment_pos = self._segment_size  # no room yet: the first held chunk opens a segment
         self.reused: set[bytes] = set()  # digests found in the store
         self.content_bytes = 0  # logical bytes of every file read
         # Jobs in submission order: (digests, uncompressed lengths, future of compressed).
@@ -135,6 +146,7 @@ class ChunkSpill:
         self.in_flight.add(d)
         n = len(data)
         if n >= SMALL_CHUNK:
+            self._submit_batch()  # first: chunks arrive, and are held, in tar order
             self._submit([d], [data])
         else:
             self._batch.append(data)
@@ -169,9 +181,16 @@ class ChunkSpill:
     def _keep(self, d: bytes, blob: bytes, ulen: int) -> None:
         clen = len(blob)
         if self.held_bytes + clen <= self.memory_budget:
-            self.held[d] = blob
+            if self._segment_pos + clen > self._segment_size:
+                # A new segment (a chunk larger than a segment gets one of its own size).
+                self._segments.append(bytearray(max(self._segment_size, clen)))
+                self._segment_pos = 0
+            pos = self._segment_pos
+            self._segments[-1][pos:pos + clen] = blob
+            self._segment_pos = pos + clen
+            self.held_chunks += 1
             self.held_bytes += clen
-            self.spilled[d] = SpilledChunk(-1, clen, ulen)
+            self.spilled[d] = SpilledChunk(pos, clen, ulen, len(self._segments) - 1)
             return
         if self._file is None:
             self._file = tempfile.TemporaryFile(prefix="imagefs-spill-", dir=self._tmpdir)
@@ -186,41 +205,28 @@ class ChunkSpill:
         if self._file is not None:
             self._file.flush()
 
-    def read(self, chunk: SpilledChunk) -> bytes:
-        """The compressed bytes of one spilled (not held) chunk."""
-        assert self._file is not None and chunk.offset >= 0
-        return os.pread(self._file.fileno(), chunk.clen, chunk.offset)
-
-    def pieces(self, digests: Sequence[bytes]) -> list[bytes]:
+    def pieces(self, digests: Sequence[bytes]) -> list[bytes | memoryview]:
         """The compressed bytes of ``digests`` (all new chunks), concatenated in order,
-        as a list of pieces: held chunks as they are, and runs of chunks that sit next
-        to each other in the spill file as one read."""
-        out: list[bytes] = []
-        run_start = run_end = -1
+        as a list of pieces: chunks that sit next to each other in a held segment as
+        one slice of it (no copy), and in the spill file as one read."""
+        out: list[bytes | memoryview] = []
+        segment, start, end = -2, 0, 0  # the current run: -1 spill file, >= 0 a segment
         for d in digests:
             sc = self.spilled[d]
-            if sc.offset < 0:
-                if run_start >= 0:
-                    out.append(self._pread(run_start, run_end))
-                    run_start = -1
-                out.append(self.held[d])
-            elif run_start >= 0 and sc.offset == run_end and run_end - run_start < MAX_READ:
-                run_end += sc.clen
-            else:
-                if run_start >= 0:
-                    out.append(self._pread(run_start, run_end))
-                run_start, run_end = sc.offset, sc.offset + sc.clen
-        if run_start >= 0:
-            out.append(self._pread(run_start, run_end))
+            if sc.segment == segment and sc.offset == end and (segment >= 0 or end - start < MAX_READ):
+                end += sc.clen
+                continue
+            if segment != -2:
+                out.append(self._run(segment, start, end))
+            segment, start, end = sc.segment, sc.offset, sc.offset + sc.clen
+        if segment != -2:
+            out.append(self._run(segment, start, end))
         return out
 
-    def release(self, digests: Sequence[bytes]) -> None:
-        """Drop the held bytes of ``digests`` (they are in a pack now). Called from the
-        packer's hashing threads: a dict pop is atomic, and ``held_bytes`` (what the
-        build held at most) is left as it is."""
-        held = self.held
-        for d in digests:
-            held.pop(d, None)
+    def _run(self, segment: int, start: int, end: int) -> bytes | memoryview:
+        if segment >= 0:
+            return memoryview(self._segments[segment])[start:end]
+        return self._pread(start, end)
 
     def _pread(self, start: int, end: int) -> bytes:
         assert self._file is not None
@@ -236,7 +242,7 @@ class ChunkSpill:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self.held.clear()
+        self._segments.clear()  # (views handed out keep theirs alive)
         if self._file is not None:
             self._file.close()
 

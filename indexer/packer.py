@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import blake3
 
 from cache.blobstore import BlobNotFound, BlobStore
 from cache.chunk import digest_of
@@ -88,21 +91,43 @@ def load_known_chunks(store: BlobStore, use_cache: bool = True) -> dict[bytes, C
     return known
 
 
+def digest_of_parts(parts: Iterable[bytes | memoryview]) -> bytes:
+    """``digest_of`` the concatenation of ``parts``, without making it."""
+    h = blake3.blake3()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _parts_writer(store: BlobStore) -> Callable[[str, Sequence[bytes | memoryview]], None] | None:
+    """The store's ``put_parts``, if it has one that writes what its ``put`` would: a
+    subclass that overrides ``put`` alone (to wrap or check writes) is not bypassed."""
+    fn = getattr(store, "put_parts", None)
+    if fn is None:
+        return None
+    mro = type(store).__mro__
+    owner_parts = next((c for c in mro if "put_parts" in c.__dict__), None)
+    owner_put = next((c for c in mro if "put" in c.__dict__), None)
+    if owner_parts is None or owner_put is None or not issubclass(owner_parts, owner_put):
+        return None
+    return fn  # type: ignore[no-any-return]
+
+
 class PackWriter:
     """Packs being written: where every chunk lands is known before they are durable.
 
     :func:`start_packs` lays the packs out and queues each to a hashing worker, which
-    joins the pack's pieces (held chunks and coalesced spill-file reads: one copy),
-    hashes it, releases the held chunks it now contains and queues the pack to an
-    upload worker, which puts the pack and then its table of contents. Hashing is a
-    fraction of the write time (blake3 at several GB/s against a disk write and an
-    fsync), so :meth:`hashed` returns every chunk's location long before the packs are
-    durable and the build encodes its index meanwhile; :meth:`wait` returns only once
-    every pack and toc is in the store. Separate pools keep hashing from queueing
-    behind slow writes.
+    gathers the pack's pieces (slices of held segments and coalesced spill-file reads,
+    see :meth:`ChunkSpill.pieces`) and hashes them. :meth:`hashed` waits for every
+    pack's digest, then queues the packs to upload workers, which put each pack (from
+    its pieces where the store can, else joined) and then its table of contents.
+    Hashing first and writing after keeps the writes' CPU (the kernel's copies into
+    the page cache) from delaying the digests the index waits for: the build encodes
+    its index while the packs are written and fsynced, and :meth:`wait` returns only
+    once every pack and toc is in the store.
 
-    Memory: a joined pack replaces the held chunks it is made of; packs not yet
-    written are capped at ``max_inflight`` bytes (only spill-file reads add memory).
+    Memory: packs not yet written are capped at ``max_inflight`` bytes; slices of
+    held segments add none, spill-file reads and joins do.
     """
 
     def __init__(
@@ -112,54 +137,71 @@ class PackWriter:
         self._spill = spill
         self._on_bytes = on_bytes
         self._max_inflight = max_inflight
+        # A store that writes a blob from pieces (the local store: writev) is handed
+        # the pack's pieces as they are; any other gets them joined.
+        self._put_parts = _parts_writer(store)
         self._hash_pool = ThreadPoolExecutor(max_workers=HASH_WORKERS, thread_name_prefix="pack-hash")
         self._upload_pool = ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="upload")
-        # Oldest first: (pack bytes, entries, future of (pack digest, upload future)).
-        self._packs: list[tuple[int, list[tuple[bytes, int, int, int]], Future[tuple[bytes, Future[None]]]]] = []
-        self._located = 0  # packs whose chunks are in self.locations
+        self._packs: list[_Pack] = []  # oldest first
+        self._located = 0  # packs whose chunks are in self.locations and whose upload is queued
         self._waited = 0  # packs whose upload has been .result()-ed
         self._inflight = 0
         self.locations: dict[bytes, ChunkLocation] = {}
         self.written = 0
 
-    def _assemble(self, digests: list[bytes], entries: list[tuple[bytes, int, int, int]]) -> tuple[bytes, Future[None]]:
+    def _assemble(self, digests: list[bytes]) -> tuple[bytes, list[bytes | memoryview]]:
         pieces = self._spill.pieces(digests)
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        del pieces
-        self._spill.release(digests)
-        pack_digest = digest_of(data)
-        return pack_digest, self._upload_pool.submit(self._upload, pack_digest, data, encode_toc(entries))
+        if self._put_parts is None and not (len(pieces) == 1 and isinstance(pieces[0], bytes)):
+            pieces = [b"".join(pieces)]
+        return (digest_of(pieces[0]) if len(pieces) == 1 else digest_of_parts(pieces)), pieces
 
-    def _upload(self, pack_digest: bytes, data: bytes, toc: bytes) -> None:
-        self._store.put(pack_key(pack_digest), data)
+    def _upload(self, pack_digest: bytes, pieces: list[bytes | memoryview], toc: bytes) -> None:
+        if self._put_parts is not None:
+            self._put_parts(pack_key(pack_digest), pieces)
+        else:
+            self._store.put(pack_key(pack_digest), pieces[0])  # type: ignore[arg-type]  # joined: bytes
         self._store.put(toc_key(pack_digest), toc)  # after the pack: a toc means the pack is there
 
     def add(self, digests: list[bytes], entries: list[tuple[bytes, int, int, int]], size: int) -> None:
-        """Queue one pack of ``digests``, laid out as ``entries``, to be hashed and written."""
+        """Queue one pack of ``digests``, laid out as ``entries``, to be hashed."""
         while self._inflight + size > self._max_inflight and self._waited < len(self._packs):
             self._wait_one()
-        self._packs.append((size, entries, self._hash_pool.submit(self._assemble, digests, entries)))
+        self._packs.append(_Pack(size, entries, self._hash_pool.submit(self._assemble, digests)))
         self._inflight += size
         self.written += size
 
-    def hashed(self) -> dict[bytes, ChunkLocation]:
-        """Wait until every pack is hashed; returns where each new chunk is."""
-        while self._located < len(self._packs):
-            _size, entries, hashing = self._packs[self._located]
-            pack_digest, _upload = hashing.result()  # raises this pack's assembly error
-            for d, off, clen, ulen in entries:
+    def _locate(self, upto: int) -> None:
+        """Wait for the digests of packs before ``upto``, record their chunks'
+        locations, and queue their uploads (hashes first, then uploads)."""
+        first = self._located
+        for pack in self._packs[first:upto]:
+            assert pack.hashing is not None
+            pack_digest, _pieces = pack.hashing.result()  # raises this pack's assembly error
+            for d, off, clen, ulen in pack.entries:
                 self.locations[d] = ChunkLocation(pack_digest, off, clen, ulen)
-            self._located += 1
+        for pack in self._packs[first:upto]:
+            assert pack.hashing is not None
+            pack_digest, pieces = pack.hashing.result()
+            pack.upload = self._upload_pool.submit(self._upload, pack_digest, pieces, encode_toc(pack.entries))
+            pack.hashing = None  # the upload holds the pieces now
+        self._located = max(self._located, upto)
+
+    def hashed(self) -> dict[bytes, ChunkLocation]:
+        """Wait until every pack is hashed (and queued for upload); returns where each
+        new chunk is."""
+        self._locate(len(self._packs))
         return self.locations
 
     def _wait_one(self) -> None:
-        size, _entries, hashing = self._packs[self._waited]
-        _digest, upload = hashing.result()
-        upload.result()  # raises this pack's upload error
+        if self._waited >= self._located:
+            self._locate(self._waited + 1)
+        pack = self._packs[self._waited]
+        assert pack.upload is not None
+        pack.upload.result()  # raises this pack's upload error
         self._waited += 1
-        self._inflight -= size
+        self._inflight -= pack.size
         if self._on_bytes:
-            self._on_bytes(size)
+            self._on_bytes(pack.size)
 
     def wait(self) -> None:
         """Wait for every upload, oldest first, raising the first error (none is lost)."""
@@ -169,7 +211,7 @@ class PackWriter:
 
     def close(self) -> None:
         """Stop: packs not started yet are cancelled, running ones finish."""
-        self._hash_pool.shutdown(wait=True, cancel_futures=True)  # no more uploads queued after this
+        self._hash_pool.shutdown(wait=True, cancel_futures=True)
         self._upload_pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "PackWriter":
@@ -177,6 +219,14 @@ class PackWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(slots=True)
+class _Pack:
+    size: int
+    entries: list[tuple[bytes, int, int, int]]
+    hashing: "Future[tuple[bytes, list[bytes | memoryview]]] | None"  # None once the upload is queued
+    upload: "Future[None] | None" = None
 
 
 def start_packs(

@@ -43,30 +43,44 @@ def _contents(seed: int) -> list[bytes]:
     return out + out[:3]
 
 
-@pytest.mark.parametrize("budget", [0, 1, 600_000, 1 << 40])
-def test_budget_boundary_gives_identical_packs(tmp_path, budget: int) -> None:  # type: ignore[no-untyped-def]
-    contents = _contents(7)
+class _PutOnlyStore(LocalStore):
+    """A store that overrides ``put`` only: the packer must not go around it."""
 
-    def run(root: str, memory_budget: int) -> tuple[dict[bytes, object], int, int]:
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.puts: list[str] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        assert type(data) is bytes
+        self.puts.append(key)
+        super().put(key, data)
+
+
+@pytest.mark.parametrize("segment", [100_000, 32 << 20])
+@pytest.mark.parametrize("budget", [0, 1, 600_000, 1 << 40])
+def test_budget_boundary_gives_identical_packs(tmp_path, monkeypatch, budget: int, segment: int) -> None:  # type: ignore[no-untyped-def]
+    contents = _contents(7)
+    monkeypatch.setattr("indexer.chunker.SEGMENT_SIZE", segment)  # small: runs of held chunks break at segment ends
+
+    def run(root: str, memory_budget: int, store_type: type[LocalStore] = LocalStore) -> tuple[dict[bytes, object], int, int]:
         with ChunkSpill(set(), 64 * 1024, memory_budget=memory_budget) as spill:
             order = []
             for data in contents:
                 order += spill.add_file(b"f", len(data), io.BytesIO(data))
             spill.finish()
             spilled = spill.spilled_bytes
-            held = len(spill.held)
+            held = spill.held_chunks
             # Tree order differs from arrival order: reverse it, so held and spilled
             # chunks interleave and spill-file runs are not all contiguous.
             order.reverse()
-            locations, written = write_packs(LocalStore(root), spill, order, target_size=200_000)
-            assert not spill.held  # every held chunk was handed to a pack
+            locations, written = write_packs(store_type(root), spill, order, target_size=200_000)
         if memory_budget == 0:
             assert held == 0 and spilled == written
         elif memory_budget >= 1 << 40:
             assert spilled == 0
         return dict(locations), written, held
 
-    ref_loc, ref_written, _ = run(str(tmp_path / "ref"), 1 << 40)
+    ref_loc, ref_written, _ = run(str(tmp_path / "ref"), 1 << 40, _PutOnlyStore)  # every pack joined, through put
     loc, written, held = run(str(tmp_path / "b"), budget)
     if budget == 600_000:
         assert 0 < held < len(ref_loc)  # really a mix of held and spilled chunks
@@ -91,3 +105,26 @@ def test_build_stores_the_same_bytes_whatever_the_budget(tmp_path) -> None:  # t
     assert len(set(map(repr, results.values()))) == 1
     index = open_image(LocalStore(str(tmp_path / "s0")), "img")
     assert len(file_bytes(index, LocalStore(str(tmp_path / "s0")), index.resolve("usr/lib/big3.so"))) == (1 << 20) + 4096 * 3
+
+
+def test_put_parts_writes_what_put_would(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(3)
+    parts: list[bytes | memoryview] = [rng.randbytes(rng.randrange(0, 300)) for _ in range(3000)]  # > IOV_MAX
+    big = bytearray(rng.randbytes(1 << 20))
+    parts += [memoryview(big)[10:600_000], b"", memoryview(big)[600_000:]]
+    store = LocalStore(str(tmp_path / "s"))
+    store.put_parts("packs/ab", parts)
+    assert store.get("packs/ab") == b"".join(parts)
+    assert not [n for n in os.listdir(tmp_path / "s" / "packs") if n.startswith(".tmp-")]
+
+
+def test_a_store_that_overrides_put_gets_every_pack_through_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = _PutOnlyStore(str(tmp_path / "s"))
+    with ChunkSpill(set(), 64 * 1024) as spill:
+        order = []
+        for data in _contents(1):
+            order += spill.add_file(b"f", len(data), io.BytesIO(data))
+        spill.finish()
+        write_packs(store, spill, order, target_size=300_000)
+    packs = sorted(os.listdir(tmp_path / "s" / "packs"))
+    assert len(packs) > 3 and sorted(k[len("packs/"):] for k in store.puts if k.startswith("packs/")) == packs
