@@ -31,7 +31,7 @@ class BackgroundReader(io.RawIOBase):
     :meth:`abort` stops the worker without reading on (for the error path).
     """
 
-    def __init__(self, stream: BinaryIO, block: int = 1 << 20, depth: int = 8) -> None:
+    def __init__(self, stream: BinaryIO, block: int = 4 << 20, depth: int = 4) -> None:
         super().__init__()
         self._stream = stream
         self._block = block
@@ -53,8 +53,8 @@ class BackgroundReader(io.RawIOBase):
         return False
 
     def _run(self) -> None:
-        # read1 hands over the stream's own blocks (a LayerStream's are 1 MiB bytes,
-        # passed on without a copy); read would re-cut them.
+        # read1 hands over the stream's own blocks (a LayerStream's are bytes of up
+        # to 4 MiB, passed on without a copy); read would re-cut them.
         read = getattr(self._stream, "read1", None) or self._stream.read
         try:
             while not self._stop.is_set():

@@ -41,9 +41,9 @@ from cache.chunk import compress, digest_of
 DEFAULT_CHUNK_SIZE = 1 << 20  # measured: see bench/RESULTS.md "chunk size"
 # Compressed chunks held in memory before the rest goes to a spill file.
 DEFAULT_MEMORY_BUDGET = 512 << 20
-# Uncompressed bytes in flight to the compressors: bounds the memory the chunk
-# buffers waiting for a worker hold (~64 chunk sizes).
-MAX_PENDING_BYTES = 64 << 20
+# Memory held by chunks in flight to the compressors (a chunk that is a view of a
+# 4 MiB stream block counts the block): bounds what waits for a worker.
+MAX_PENDING_BYTES = 96 << 20
 # Chunks smaller than this are gathered into one compression job of up to BATCH_BYTES.
 SMALL_CHUNK = 64 << 10
 BATCH_BYTES = 256 << 10
@@ -97,8 +97,9 @@ class ChunkSpill:
         self._segment_pos = self._segment_size  # no room yet: the first held chunk opens a segment
         self.reused: set[bytes] = set()  # digests found in the store
         self.content_bytes = 0  # logical bytes of every file read
-        # Jobs in submission order: (digests, uncompressed lengths, future of compressed).
-        self.pending: deque[tuple[list[bytes], list[int], Future[list[bytes]]]] = deque()
+        # Jobs in submission order: (digests, uncompressed lengths, memory they pin,
+        # future of compressed).
+        self.pending: deque[tuple[list[bytes], list[int], int, Future[list[bytes]]]] = deque()
         self.pending_bytes = 0
         self.in_flight: set[bytes] = set()
         self._batch: list[bytes | memoryview] = []
@@ -111,11 +112,14 @@ class ChunkSpill:
         self.on_bytes: Callable[[int], None] | None = None
 
     def add_file(self, path: bytes, size: int, reader: BinaryIO) -> list[bytes]:
-        """Read exactly ``size`` bytes of one file; returns its chunk digests in order."""
+        """Read exactly ``size`` bytes of one file; returns its chunk digests in order.
+
+        A reader with ``read_chunk`` (the layer merge's) may hand over views of its
+        stream's blocks instead of copies; any other is read with ``read``."""
         digests: list[bytes] = []
         remaining = size
         cs = self.chunk_size
-        read = reader.read
+        read = getattr(reader, "read_chunk", None) or reader.read
         while remaining > 0:
             want = min(cs, remaining)
             data = read(want)
@@ -164,19 +168,21 @@ class ChunkSpill:
 
     def _submit(self, digests: list[bytes], chunks: list[bytes | memoryview]) -> None:
         lens = [len(c) for c in chunks]
-        self.pending.append((digests, lens, self._pool.submit(_compress_all, chunks)))
-        self.pending_bytes += sum(lens)
+        # A view keeps its whole block alive until compressed: count the block.
+        cost = sum(len(c.obj) if isinstance(c, memoryview) else len(c) for c in chunks)  # type: ignore[arg-type]
+        self.pending.append((digests, lens, cost, self._pool.submit(_compress_all, chunks)))
+        self.pending_bytes += cost
         if self.pending_bytes > MAX_PENDING_BYTES:
             self._drain(MAX_PENDING_BYTES // 2)
 
     def _drain(self, keep: int = 0) -> None:
         """Collect finished jobs, oldest first, until at most ``keep`` bytes are pending."""
         while self.pending and self.pending_bytes > keep:
-            digests, lens, fut = self.pending.popleft()
+            digests, lens, cost, fut = self.pending.popleft()
             for d, ulen, blob in zip(digests, lens, fut.result()):
                 self._keep(d, blob, ulen)
                 self.in_flight.discard(d)
-            self.pending_bytes -= sum(lens)
+            self.pending_bytes -= cost
 
     def _keep(self, d: bytes, blob: bytes, ulen: int) -> None:
         clen = len(blob)

@@ -60,6 +60,8 @@ FileSink = Callable[[bytes, int, BinaryIO], list[bytes]]
 BLOCK = 512
 # Largest PAX header or GNU long name we accept (as Go's archive/tar does).
 MAX_SPECIAL = 1 << 20
+# Reads at least this large may come back as views of the stream's blocks.
+ZERO_COPY_MIN = 256 * 1024
 # Block size asked of a stream that does not hand over blocks of its own.
 READ_AHEAD = 256 * 1024
 
@@ -145,6 +147,18 @@ class _Input:
             return parts[0]  # type: ignore[return-value]
         return b"".join(parts)
 
+    def read_view(self, n: int) -> bytes | memoryview:
+        """``read``, except that ``n`` bytes lying inside the current block come back
+        as a view of it, without a copy. The view keeps the whole block alive, so it
+        is for large reads only (the chunker's; see ZERO_COPY_MIN)."""
+        buf, pos = self._buf, self._pos
+        end = pos + n
+        if end <= len(buf) and n >= ZERO_COPY_MIN:
+            self._pos = end
+            self.offset += n
+            return memoryview(buf)[pos:end]
+        return self.read(n)
+
     def skip(self, n: int) -> int:
         """Discard up to ``n`` bytes (without copying them); return how many were discarded."""
         done = 0
@@ -182,6 +196,22 @@ class _MemberReader(io.RawIOBase):
         if n == 0:
             return b""
         data = self._inp.read(n)
+        self._left -= len(data)
+        if len(data) < n:
+            raise LayerError(
+                self._layer, self._member,
+                f"truncated: the stream ends after {self._size - self._left} of {self._size} content bytes",
+            )
+        return data
+
+    def read_chunk(self, n: int) -> bytes | memoryview:
+        """``read``, but a large read inside one block of the stream comes back as a
+        read-only view of it, without a copy (what the chunker asks for)."""
+        if n > self._left:
+            n = self._left
+        if n == 0:
+            return b""
+        data = self._inp.read_view(n)
         self._left -= len(data)
         if len(data) < n:
             raise LayerError(
