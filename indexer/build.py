@@ -1,9 +1,10 @@
 """Index an image into a store: the whole write path in three steps.
 
 1. Read every layer once, in order, merging it into the tree (``layers``) and feeding
-   file content to the chunker, which dedups against the store and spills new
-   compressed chunks locally. Every blob is verified as it is read. Nothing is written
-   to the store in this step, so bad input leaves the store exactly as it was.
+   file content to the chunker, which dedups against the store and holds new
+   compressed chunks in memory (a local spill file past a budget). Every blob is
+   verified as it is read. Nothing is written to the store in this step, so bad input
+   leaves the store exactly as it was.
 2. Write the new chunks into packs in tree order (``packer``), encoding the index
    meanwhile (it needs only the packs' digests).
 3. Once every pack is durable, write the index, then the name -> digest reference, last.
