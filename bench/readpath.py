@@ -72,7 +72,8 @@ from typing import IO, Any, TypeVar
 import zstandard
 
 from bench.images import BenchImage, ensure_images, resolve_workdir
-from bench.scenarios import drop_caches, force_unmount, fuse_from_stats, is_mounted, stop_process, tiers_from_stats
+from bench.scenarios import (drop_caches, force_unmount, fuse_from_stats, is_mounted, stats_diff, stop_process,
+                             tiers_from_stats)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
@@ -809,15 +810,6 @@ class SeqResult:
     hot_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _diff(after: Any, before: Any) -> Any:
-    if isinstance(after, dict):
-        b = before if isinstance(before, dict) else {}
-        return {k: _diff(v, b.get(k)) for k, v in after.items()}
-    if isinstance(after, (int, float)) and not isinstance(after, bool):
-        return after - (before if isinstance(before, (int, float)) and not isinstance(before, bool) else 0)
-    return after
-
-
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     return {"tiers": tiers_from_stats(stats), "fuse": fuse_from_stats(stats)}
 
@@ -850,7 +842,7 @@ def bench_seqread(prep: Prepared, scratch: Scratch, repeat: int) -> SeqResult:
                 set_read_ahead(mp, SMALL_READ_AHEAD_KB)
                 res.hot_small_ra.append(read_file(target))
                 set_read_ahead(mp, ra)
-        return warm, hot, cpu, _summary(_diff(s1, s0)), _summary(_diff(s2, s1))
+        return warm, hot, cpu, _summary(stats_diff(s1, s0)), _summary(stats_diff(s2, s1))
 
     def run_local() -> None:
         cold, hot = GUARD.run("seq read, local", local, 1)
@@ -940,7 +932,7 @@ def bench_import(prep: Prepared, scratch: Scratch, repeat: int) -> ImportResult:
             hot = chroot_import(mp)
             s2 = imagefs_stats(mp)
         if not res.warm_stats:
-            res.warm_stats, res.hot_stats = _summary(_diff(s1, s0)), _summary(_diff(s2, s1))
+            res.warm_stats, res.hot_stats = _summary(stats_diff(s1, s0)), _summary(stats_diff(s2, s1))
         return {"imagefs SSD warm": warm, "imagefs hot": hot, CPU_KEY: cpu}
 
     steps: list[tuple[str, Callable[[], dict[str, float]]]] = [

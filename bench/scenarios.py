@@ -211,11 +211,11 @@ def force_unmount(path: Path) -> None:
         subprocess.run(argv, capture_output=True, timeout=30)
 
 
-def _diff(after: Any, before: Any) -> Any:
+def stats_diff(after: Any, before: Any) -> Any:
     """Numeric leaves of ``after`` minus those of ``before`` (same shape, missing = 0)."""
     if isinstance(after, dict):
         b = before if isinstance(before, dict) else {}
-        return {k: _diff(v, b.get(k)) for k, v in after.items()}
+        return {k: stats_diff(v, b.get(k)) for k, v in after.items()}
     if isinstance(after, (int, float)) and not isinstance(after, bool):
         return after - (before if isinstance(before, (int, float)) and not isinstance(before, bool) else 0)
     return after
@@ -452,7 +452,7 @@ def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, r
         c = run_container(ctx, mp, image_cfg, wl.argv, t0, ctx.run_timeout_s, abort=lambda: imagefs_kill(mp))
         _finish(res, t0, t_ready, c)
         res.links = ctx.link_stats(["blob", "az"] if az else ["blob"])
-        stats = _diff(imagefs_stats(mp), before)
+        stats = stats_diff(imagefs_stats(mp), before)
         res.tiers = tiers_from_stats(stats)
         res.fuse = fuse_from_stats(stats)
     except ScenarioError as e:

@@ -296,7 +296,7 @@ def test_stats_diff_and_tiers() -> None:
     after = {"cache": {"tiers": {"blob": {"requests": 7, "bytes": 160, "hits": 7, "misses": 0, "errors": 0},
                                  "ssd": {"requests": 3, "bytes": 30, "hits": 1, "misses": 2, "errors": 0}}},
              "requests": {"ops": {"read": 25, "lookup": 4}}, "image": "x"}
-    d = scenarios._diff(after, before)
+    d = scenarios.stats_diff(after, before)
     assert scenarios.tiers_from_stats(d) == {
         "blob": {"requests": 2, "hits": 2, "misses": 0, "bytes": 60, "errors": 0},
         "ssd": {"requests": 3, "hits": 1, "misses": 2, "bytes": 30, "errors": 0}}
