@@ -19,6 +19,7 @@ import pytest
 from cache.localstore import LocalStore
 from indexer.build import build_image
 from indexer.catalog import list_images, open_image
+from tests.support.chunks import dir_snapshot
 from tests.support.images import write_docker_archive, write_oci_layout
 from tests.support.indexed import file_bytes, index_entries
 from tests.support.reference import reference_tree
@@ -113,16 +114,6 @@ def test_duplicate_files_inside_one_image_share_chunks(tmp_path) -> None:  # typ
 
 
 # ------------------------------------------------------------------- bad input
-
-
-def _store_snapshot(root: str) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _layout_json(layout: str, digest: str) -> dict:  # type: ignore[type-arg]
@@ -234,7 +225,7 @@ def test_bad_input_is_refused_and_store_unchanged(tmp_path, capsys, case, compre
     good = make_tar([generated_file("usr/lib/big", (1 << 20) * 2 + 5, seed=3), file("etc/ok", b"ok\n")])
     write_oci_layout(str(tmp_path / "good"), [good])
     assert main(["-q", "index", f"oci:{tmp_path / 'good'}:latest", "--store", root, "--name", "good"]) == 0
-    before = _store_snapshot(root)
+    before = dir_snapshot(root)
 
     layout = str(tmp_path / "bad")
     layers = [good] if kind == "good" else [good, _bad_tar(kind)]
@@ -249,7 +240,7 @@ def test_bad_input_is_refused_and_store_unchanged(tmp_path, capsys, case, compre
     assert layout in err, err  # names the input
     for word in words:
         assert word in err, (word, err)
-    assert _store_snapshot(root) == before
+    assert dir_snapshot(root) == before
 
 
 @pytest.mark.parametrize("status,words", [(401, "authentication required"), (404, "manifest unknown"), (500, "500")])
@@ -260,14 +251,14 @@ def test_registry_errors_are_refused_and_store_unchanged(tmp_path, capsys, statu
     root = str(tmp_path / "store")
     write_oci_layout(str(tmp_path / "good"), [make_tar([file("etc/ok", b"ok\n")])])
     assert main(["-q", "index", f"oci:{tmp_path / 'good'}:latest", "--store", root, "--name", "good"]) == 0
-    before = _store_snapshot(root)
+    before = dir_snapshot(root)
     with status_server(status) as srv:
         ref = f"docker://{srv.host}/app:1"
         capsys.readouterr()
         code = main(["index", ref, "--store", root])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"imagefs: {ref}") and words in err, err
-    assert _store_snapshot(root) == before
+    assert dir_snapshot(root) == before
 
 
 class _FlakyPackStore(LocalStore):

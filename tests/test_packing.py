@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -16,19 +15,10 @@ from indexer.build import build_image
 from indexer.catalog import open_image
 from indexer.chunker import ChunkSpill
 from indexer.packer import write_packs
+from tests.support.chunks import dir_snapshot
 from tests.support.images import write_oci_layout
 from tests.support.indexed import file_bytes
 from tests.support.tars import file, generated_file, make_tar
-
-
-def _snapshot(root: str) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _contents(seed: int) -> list[bytes]:
@@ -85,7 +75,7 @@ def test_budget_boundary_gives_identical_packs(tmp_path, monkeypatch, budget: in
     if budget == 600_000:
         assert 0 < held < len(ref_loc)  # really a mix of held and spilled chunks
     assert loc == ref_loc and written == ref_written
-    assert _snapshot(str(tmp_path / "b")) == _snapshot(str(tmp_path / "ref"))
+    assert dir_snapshot(str(tmp_path / "b")) == dir_snapshot(str(tmp_path / "ref"))
     # And the packs hold what the locations say.
     store = LocalStore(str(tmp_path / "b"))
     for d, where in loc.items():
@@ -101,7 +91,7 @@ def test_build_stores_the_same_bytes_whatever_the_budget(tmp_path) -> None:  # t
     for budget in (0, 3 << 20, 1 << 30):
         root = str(tmp_path / f"s{budget}")
         r = build_image(f"oci:{tmp_path / 'img'}:latest", LocalStore(root), "img", memory_budget=budget)
-        results[budget] = (r.digest, r.stored_bytes, _snapshot(root))
+        results[budget] = (r.digest, r.stored_bytes, dir_snapshot(root))
     assert len(set(map(repr, results.values()))) == 1
     index = open_image(LocalStore(str(tmp_path / "s0")), "img")
     assert len(file_bytes(index, LocalStore(str(tmp_path / "s0")), index.resolve("usr/lib/big3.so"))) == (1 << 20) + 4096 * 3

@@ -7,6 +7,7 @@ the store calls it meets in production.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
@@ -80,3 +81,15 @@ class CountingStore(LocalStore):
     def range_reads(self) -> int:
         with self._lock:
             return len(self.calls)
+
+
+def dir_snapshot(root: str) -> dict[str, str]:
+    """Every file under ``root`` (a local store) by relative path -> sha256 of its bytes:
+    two snapshots are equal exactly when the store holds the same files, byte for byte."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
