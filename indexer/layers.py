@@ -49,7 +49,7 @@ import os
 import stat
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from indexer.tree import NAME_MAX, Node, Tree, new_dir
@@ -70,6 +70,8 @@ OPAQUE = b".wh..wh..opq"
 
 _REGULAR = {b"0", b"\0", b"7"}
 _HEADER_ONLY = {b"1", b"2", b"3", b"4", b"5", b"6"}
+_Data = TypeVar("_Data", bound="bytes | memoryview")  # what a member read hands back: a copy or a view
+
 _TYPE_BITS = {
     b"2": stat.S_IFLNK,
     b"3": stat.S_IFCHR,
@@ -195,14 +197,7 @@ class _MemberReader(io.RawIOBase):
             n = self._left
         if n == 0:
             return b""
-        data = self._inp.read(n)
-        self._left -= len(data)
-        if len(data) < n:
-            raise LayerError(
-                self._layer, self._member,
-                f"truncated: the stream ends after {self._size - self._left} of {self._size} content bytes",
-            )
-        return data
+        return self._took(self._inp.read(n), n)
 
     def read_chunk(self, n: int) -> bytes | memoryview:
         """``read``, but a large read inside one block of the stream comes back as a
@@ -211,7 +206,11 @@ class _MemberReader(io.RawIOBase):
             n = self._left
         if n == 0:
             return b""
-        data = self._inp.read_view(n)
+        return self._took(self._inp.read_view(n), n)
+
+    def _took(self, data: _Data, n: int) -> _Data:
+        """Count ``data`` (asked for ``n`` bytes) as read; a short read means the layer
+        stream ended inside this member."""
         self._left -= len(data)
         if len(data) < n:
             raise LayerError(
