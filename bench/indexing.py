@@ -1,6 +1,6 @@
 """Indexing: throughput, index size and open time, cross-image dedup, chunk size.
 
-``python -m bench indexing [--workdir DIR] [--repeat N] [--skip-sweep]`` indexes the
+``python -m bench indexing [--workdir DIR] [--repeat N] [--skip-sweep] [--skip-level-sweep]`` indexes the
 bench images (zstd layouts) into fresh local stores and reports, each beside a
 baseline measured in the same run on the same layers (decompress and unpack them to
 local disk with ``tar --zstd -x``, what a plain pull-and-unpack costs here):
@@ -8,7 +8,9 @@ local disk with ``tar --zstd -x``, what a plain pull-and-unpack costs here):
 * throughput in MB/s of uncompressed layer content (target >= 150 MB/s, 2 cores);
 * index bytes per entry and index open time (target <= 20 ms for torch);
 * what indexing torch after numpy stores, against the torch layer's own content;
-* a chunk-size sweep on the numpy image (how the choice of chunk size was made).
+* a chunk-size sweep on the numpy image (how the choice of chunk size was made);
+* a zstd level sweep over the torch rootfs's bytes cut into 1 MiB chunks (how the
+  chunk compression level was chosen: compression is most of the indexer's CPU).
 
 Prints a markdown section; ``--write`` appends it to bench/RESULTS.md.
 """
@@ -28,13 +30,17 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
+import zstandard
+
 from bench.images import BenchImage, ensure_images
+from cache.chunk import ZSTD_LEVEL
 from cache.localstore import LocalStore
 from indexer.build import BuildResult, build_image
 from indexer.catalog import index_key, resolve
 from indexer.index import Index
 
 MB = 1_000_000
+LEVEL_SAMPLE = 512 * MB  # bytes of the torch rootfs the level sweep compresses
 
 
 def layer_blobs(layout_ref: str) -> list[str]:
@@ -98,11 +104,47 @@ def pack_bytes(store_dir: str) -> int:
     return sum(os.path.getsize(os.path.join(packs, f)) for f in os.listdir(packs))
 
 
+def rootfs_chunks(root: str, limit: int, chunk_size: int = 1 << 20) -> list[bytes]:
+    """The first ``limit`` bytes of regular files under ``root`` in tree order, cut into
+    chunks the way the indexer cuts them (each file on its own, 1 MiB pieces)."""
+    chunks: list[bytes] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            path = os.path.join(dirpath, fn)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                while total < limit and (block := f.read(chunk_size)):
+                    chunks.append(block)
+                    total += len(block)
+            if total >= limit:
+                return chunks
+    return chunks
+
+
+def level_sweep(chunks: list[bytes], levels: tuple[int, ...], repeat: int) -> list[tuple[int, float, int]]:
+    """(level, single-thread CPU MB/s, compressed bytes) per zstd level, levels
+    interleaved within each repeat so that machine noise spreads over all of them."""
+    cpu: dict[int, list[float]] = {lv: [] for lv in levels}
+    out_bytes: dict[int, int] = {}
+    content = sum(len(c) for c in chunks)
+    for _ in range(repeat):
+        for lv in levels:
+            c = zstandard.ZstdCompressor(level=lv, write_content_size=True)
+            t = time.thread_time()
+            out_bytes[lv] = sum(len(c.compress(b)) for b in chunks)
+            cpu[lv].append(time.thread_time() - t)
+    return [(lv, content / MB / statistics.median(cpu[lv]), out_bytes[lv]) for lv in levels]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench indexing", description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", help="bench image work dir (default: bench.images default)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (median reported)")
     ap.add_argument("--skip-sweep", action="store_true", help="skip the chunk-size sweep")
+    ap.add_argument("--skip-level-sweep", action="store_true", help="skip the zstd level sweep")
     ap.add_argument("--write", action="store_true", help="append the section to bench/RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -151,11 +193,20 @@ def main(argv: list[str] | None = None) -> int:
                 r = index_once(images["numpy"], d, "numpy", chunk_size=cs)
                 sweep.append((cs, time.monotonic() - t, r))
                 shutil.rmtree(d)
+        levels: list[tuple[int, float, int]] = []
+        sample = 0
+        if not args.skip_level_sweep:
+            chunks = rootfs_chunks(images["torch"].rootfs, LEVEL_SAMPLE)
+            sample = sum(len(c) for c in chunks)
+            levels = level_sweep(chunks, (1, 2, 3, 4), args.repeat)
+            del chunks
 
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         lines += [
             "## Indexing", "",
-            f"`python -m bench indexing --repeat {args.repeat}{' --skip-sweep' if args.skip_sweep else ''}` on {when}; {platform.node()}, "
+            f"`python -m bench indexing --repeat {args.repeat}{' --skip-sweep' if args.skip_sweep else ''}"
+            f"{' --skip-level-sweep' if args.skip_level_sweep else ''}` on {when}; {platform.node()}, "
+            f"chunks compressed at zstd level {ZSTD_LEVEL}, "
             f"{os.cpu_count()} cores, Python {platform.python_version()}, local-directory store on the same disk. "
             "Baseline, same run, same layers: `tar --zstd -xf` of every layer to local disk (decompress + unpack). "
             "The layer blobs are read once before every timed run, of either (page cache warm). "
@@ -187,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for cs, t, r in sweep:
                 lines.append(f"| {cs >> 10} KiB | {r.chunks} | {r.stored_bytes / MB:.1f} MB | {r.index_bytes / 1024:.0f} KiB | {t:.2f} s |")
+        if levels:
+            base_bytes = {lv: b for lv, _, b in levels}[ZSTD_LEVEL]
+            lines += [
+                "", f"zstd level sweep ({sample / MB:.0f} MB of the torch rootfs in 1 MiB chunks, tree order; "
+                f"one thread; median of {args.repeat}, levels interleaved):", "",
+                "| level | compress MB/s (CPU, one thread) | stored | vs level in use |", "|---|---|---|---|",
+            ]
+            for lv, mbps, b in levels:
+                mark = " (in use)" if lv == ZSTD_LEVEL else ""
+                lines.append(f"| {lv}{mark} | {mbps:.0f} | {b / MB:.1f} MB ({sample / b:.2f}x) | "
+                             f"{b / base_bytes:.3f}x bytes |")
         text = "\n".join(lines) + "\n"
         print(text)
         if args.write:
