@@ -4,7 +4,7 @@ Why: a fresh mount daemon spends its first ~160 ms here starting Python and impo
 trio and pyfuse3 before it can fetch an index; the mount itself then takes a few ms.
 ``imagefs agent`` pays that once: it imports the whole read path, then waits on a unix
 socket. For each mount it forks a child that runs exactly what a spawned daemon runs
-(:func:`imagefs.mount.serve`) in a session of its own, so a mount outlives the agent
+(:func:`imagefs.daemon.serve`) in a session of its own, so a mount outlives the agent
 and still has a process to itself (pyfuse3 serves one FUSE session per process).
 
 ``imagefs mount`` (and ``imagefs run``) ask the agent when its socket answers and
@@ -21,7 +21,6 @@ mounts with stale code.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import faulthandler
 import json
@@ -32,21 +31,13 @@ import socket
 import sys
 from typing import Any
 
-from imagefs.mount import MountError, MountOptions, run_dir, serve
+from imagefs.daemon import serve
+from imagefs.mount import MountError, MountOptions, agent_socket
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "agent.sock"
 CODE_PACKAGES = ("imagefs", "indexer", "cache")
 MAX_REQUEST = 1 << 20
-
-
-class AgentUnavailable(Exception):
-    """No agent answers (or it refused): spawn a daemon instead."""
-
-
-def agent_socket() -> str:
-    return os.environ.get("IMAGEFS_AGENT_SOCKET") or os.path.join(run_dir(), SOCKET_NAME)
 
 
 def code_stamp() -> float:
@@ -59,44 +50,6 @@ def code_stamp() -> float:
                 if name.endswith(".py"):
                     newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
     return newest
-
-
-# -- the caller side -----------------------------------------------------------------
-
-
-def request_mount(image: str, mountpoint: str, opts: MountOptions, ready_fd: int, log_path: str,
-                  log_level: int, *, timeout: float = 5.0) -> int:
-    """Ask the agent to serve ``image`` at ``mountpoint``; the pid of the mount's process.
-
-    Raises :class:`AgentUnavailable` when no agent answers or it declines.
-    """
-    path = agent_socket()
-    if not os.path.exists(path):
-        raise AgentUnavailable(f"no agent socket at {path}")
-    request = json.dumps({
-        "image": image, "mountpoint": mountpoint, "options": json.loads(opts.to_json()),
-        "env": dict(os.environ), "log": log_path, "log_level": log_level, "executable": sys.executable,
-    }).encode() + b"\n"
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [ready_fd]))])
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError as e:
-        raise AgentUnavailable(f"agent at {path} does not answer: {e}") from e
-    try:
-        answer = json.loads(reply)
-    except ValueError as e:
-        raise AgentUnavailable(f"agent at {path} sent {reply[:80]!r}") from e
-    if "pid" not in answer:
-        raise AgentUnavailable(f"agent at {path} declined: {answer.get('error', 'no reason given')}")
-    return int(answer["pid"])
 
 
 # -- the agent -------------------------------------------------------------------------
@@ -231,7 +184,7 @@ def _handle(conn: socket.socket, listener: socket.socket, stamp: float) -> None:
 
 
 def _child(req: dict[str, Any], ready_fd: int, conn: socket.socket) -> None:
-    """(forked) Become a mount daemon, as ``python -m imagefs.mount`` would be."""
+    """(forked) Become a mount daemon, as ``python -m imagefs.daemon`` would be."""
     code = 1
     try:
         conn.close()

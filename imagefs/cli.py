@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+
+# typing costs ~3 ms to import and is needed only by type checkers here (mypy reads this as typing.TYPE_CHECKING)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the operation failed (bad input, unreachable store, ...)
 EXIT_USAGE = 2  # argparse's convention for bad arguments
 EXIT_INTERRUPTED = 130
+# logging's levels, named here so that a command line need not import logging (~10 ms)
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 
-COMMAND_MODULES = [
-    "imagefs.cli_index", "imagefs.cli_mount", "imagefs.cli_agent", "imagefs.cli_run", "imagefs.cli_cache_server",
-]
+# Which module registers each subcommand. A command line that names one imports only
+# that module: ``imagefs mount`` is on the path to a ready mount, and importing every
+# command's dependencies would cost it more than the mount itself (see build_parser).
+COMMANDS = {
+    "index": "imagefs.cli_index", "images": "imagefs.cli_index", "inspect": "imagefs.cli_index",
+    "mount": "imagefs.cli_mount", "umount": "imagefs.cli_mount", "unmount": "imagefs.cli_mount",
+    "stats": "imagefs.cli_mount", "agent": "imagefs.cli_agent", "run": "imagefs.cli_run",
+    "cache-server": "imagefs.cli_cache_server",
+}
 
 
 class CLIError(Exception):
@@ -68,8 +81,57 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, minus its ``import shutil`` (and with it bz2, lzma and
+    more: several ms on every command line, since argparse makes a formatter for each
+    argument it adds) just to learn the terminal width."""
+
+    def __init__(self, prog: str, *args: Any, **kwargs: Any) -> None:
+        if len(args) < 3 and "width" not in kwargs:
+            kwargs["width"] = _terminal_columns() - 2
+        super().__init__(prog, *args, **kwargs)
+
+
+def _terminal_columns() -> int:
+    """What ``shutil.get_terminal_size`` would say: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommand parsers share :class:`_HelpFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand a command line names: its first word that is not an option (the
+    top-level options take no value)."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``imagefs`` parser. Given the command line, it registers only the module of
+    the subcommand it names; without one (``imagefs --help``, a typo) it registers all,
+    so the listing and argparse's "invalid choice" message name every command."""
+    word = _command_word(sys.argv[1:] if argv is None else argv)
+    modules = [COMMANDS[word]] if word in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    parser = _Parser(
         prog="imagefs",
         description="Start containers from OCI images without pulling them: index an image into "
         "content-addressed chunks, then mount or run it lazily.",
@@ -78,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only results and errors (no progress)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     # Accept -v/-q after the subcommand too (``imagefs index --quiet``), as users type them.
     # An alias (umount/unmount) maps to the same parser: visit each parser once.
@@ -101,11 +163,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
             InvalidImageName)
 
 
+def configure_logging(level: int) -> None:
+    """Log records at ``level`` and above to stderr, as ``imagefs: LEVEL name: message``."""
+    import logging
+
+    logging.basicConfig(level=level, format="imagefs: %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose if not args.quiet else logging.ERROR
-    logging.basicConfig(level=max(level, logging.DEBUG), format="imagefs: %(levelname)s %(name)s: %(message)s")
+    args.log_level = max(DEBUG, ERROR if args.quiet else WARNING - 10 * args.verbose)
+    # A command on a latency path (``imagefs mount``) sets ``defer_logging`` and calls
+    # configure_logging itself where it logs; every other command gets it here.
+    if not getattr(args, "defer_logging", False):
+        configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

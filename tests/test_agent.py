@@ -66,7 +66,7 @@ def test_mounts_fork_from_the_agent_and_outlive_it(env, image, tmp_path) -> None
     agent = start_agent(env["socket"])
     try:
         with mounted("agent-test", str(tmp_path / "mp"), MountOptions(store=store, cache_dir=str(tmp_path / "c"))) as m:
-            assert "agent" in cmdline(m.pid)  # a forked agent, not a spawned `-m imagefs.mount`
+            assert "agent" in cmdline(m.pid)  # a forked agent, not a spawned `-m imagefs.daemon`
             with open(os.path.join(m.path, "link"), "rb") as f:
                 assert f.read() == data
             stop(agent)  # the mount is its own session: it keeps serving
@@ -96,7 +96,7 @@ def test_without_an_agent_or_with_a_stale_one_a_daemon_is_spawned(env, image, tm
     store, data = image
     opts = MountOptions(store=store, cache_dir=str(tmp_path / "c"))
     with mounted("agent-test", str(tmp_path / "mp"), opts) as m:  # no agent at all
-        assert "imagefs.mount" in cmdline(m.pid)
+        assert "imagefs.daemon" in cmdline(m.pid)
     agent = start_agent(env["socket"])
     code = os.path.join(os.path.dirname(__file__), "..", "imagefs", "__init__.py")
     st = os.stat(code)
@@ -104,7 +104,7 @@ def test_without_an_agent_or_with_a_stale_one_a_daemon_is_spawned(env, image, tm
         newer = int((code_stamp() + 10) * 1e9)
         os.utime(code, ns=(st.st_atime_ns, newer))  # the code "changed" on disk after the agent started
         with mounted("agent-test", str(tmp_path / "mp"), opts) as m:
-            assert "imagefs.mount" in cmdline(m.pid)  # declined by the agent, spawned instead
+            assert "imagefs.daemon" in cmdline(m.pid)  # declined by the agent, spawned instead
             with open(os.path.join(m.path, "data/blob"), "rb") as f:
                 assert f.read() == data
     finally:

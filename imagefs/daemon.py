@@ -1,0 +1,331 @@
+"""The mount daemon: the process that serves one mount until it is unmounted.
+
+Why it is shaped this way:
+
+- Everything that can fail for a reason the user can fix (no such image, store
+  unreachable, index that fails its digest, bad mountpoint) is checked *before*
+  ``pyfuse3.init``, so an error never leaves a mount behind.
+- Readiness: the daemon stats its own mountpoint through the kernel (a round trip
+  through its own FUSE loop) and only then writes ``ready`` to the pipe its caller
+  waits on (:func:`imagefs.mount.start_mount`); an error goes to that pipe instead.
+- SIGINT/SIGTERM stop the FUSE loop and unmount (``pyfuse3.close(unmount=True)``,
+  a lazy unmount as root), so a signalled daemon leaves no "Transport endpoint is not
+  connected" behind.
+- The daemon answers ``imagefs stats`` on a unix socket under the run directory
+  (``$IMAGEFS_RUN_DIR`` or /run/imagefs), named after the mountpoint, next to its log
+  file and a small JSON record of what is mounted there.
+- It runs as ``python -m imagefs.daemon`` (spawned by :func:`imagefs.mount.start_mount`)
+  or in a child forked by the host agent (:mod:`imagefs.agent`), which has imported
+  everything below already. pyfuse3, trio and the tiers are imported inside
+  :func:`serve`, so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from imagefs.mount import (CACHE_SECRET_ENV, ERROR_PREFIX, FAULT_ENV, READY, MountError, MountOptions, RunPaths,
+                           check_mountpoint, default_cache_dir, mounted_at, process_start_time)
+
+log = logging.getLogger(__name__)
+
+
+def _open_image(image: str, opts: MountOptions) -> tuple[Any, Any]:
+    """The store and the verified index of ``image``, or a MountError saying why not.
+    The index comes from the host's copy in the cache directory when there is one."""
+    from cache.blobstore import BlobStoreError
+    from cache.stores import StoreURLError, open_store
+    from imagefs.index_cache import load_index
+    from indexer.catalog import ImageNotFound, InvalidImageName
+    from indexer.format import IndexFormatError
+
+    try:
+        store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
+        return store, load_index(store, image, opts.index_cache_dir())
+    except (BlobStoreError, StoreURLError, ImageNotFound, InvalidImageName, IndexFormatError) as e:
+        raise MountError(f"cannot mount {image}: {e}") from e
+
+
+def _open_reader(store: Any, opts: MountOptions) -> tuple[Any, Any]:
+    """The read-through chunk chain (memory, then SSD unless disabled, then the AZ cache
+    servers if any, then the store) and the SSD tier it uses (or None), which the caller
+    closes. The AZ servers' shared secret comes from ``$IMAGEFS_CACHE_SECRET``."""
+    from cache.blobtier import BlobTier
+    from cache.chain import ChunkChain
+    from cache.memory import MemoryTier
+    from cache.ssd import SSDTier
+
+    ssd = None
+    if opts.cache_size > 0:
+        directory = opts.cache_dir or default_cache_dir()
+        try:
+            ssd = SSDTier(directory, opts.cache_size)
+        except Exception as e:  # OSError, lmdb.Error: either way the cache is unusable
+            raise MountError(f"cache directory {directory}: cannot open the SSD cache: {e}") from e
+    remote: list[Any] = []
+    if opts.az_cache:
+        from cache.azclient import AZCacheTier
+
+        try:
+            remote.append(AZCacheTier(list(opts.az_cache), secret=os.environ.get(CACHE_SECRET_ENV)))
+        except ValueError as e:
+            if ssd is not None:
+                ssd.close()
+            raise MountError(f"--az-cache {','.join(opts.az_cache)}: {e}") from e
+    return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size), remote_tiers=remote), ssd
+
+
+def fault_hook_from_env() -> Callable[[str], None] | None:
+    """A hook failing the handlers named in ``$IMAGEFS_FAULT_OPS`` (tests only)."""
+    names = {n.strip() for n in os.environ.get(FAULT_ENV, "").split(",") if n.strip()}
+    if not names:
+        return None
+    log.warning("fault injection enabled for: %s", ", ".join(sorted(names)))
+
+    def hook(op: str) -> None:
+        if op in names:
+            raise RuntimeError(f"injected fault in {op}")
+
+    return hook
+
+
+def _write_ready(fd: int | None, message: bytes) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message)
+        os.close(fd)
+
+
+def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None = None) -> None:
+    """Mount ``image`` at ``mountpoint`` and serve it in the foreground until unmounted
+    or signalled (SIGINT/SIGTERM unmount cleanly).
+
+    With ``ready_fd``, writes ``ready`` there once the mount answers, or ``error: ...``
+    if it cannot be made (the error is raised as well).
+    """
+    try:
+        mp = check_mountpoint(mountpoint)
+        store, index = _open_image(image, opts)
+        reader, ssd = _open_reader(store, opts)
+    except MountError as e:
+        _write_ready(ready_fd, ERROR_PREFIX + str(e).encode() + b"\n")
+        raise
+
+    import pyfuse3
+    import trio
+
+    from imagefs.fuse_ops import FuseOps
+    from imagefs.vfs import VFS
+
+    ops = FuseOps(VFS(index, reader, name=image), fault=fault_hook_from_env())
+    # From pyfuse3.init on, nothing on this thread may touch the mountpoint (not even
+    # realpath): the kernel would wait for the loop this thread has not started yet.
+    paths = RunPaths.of(mp)
+    options = {"fsname=imagefs", "subtype=imagefs", "ro", "default_permissions", "allow_other"}
+    try:
+        pyfuse3.init(ops, mp, options)
+    except RuntimeError as e:
+        if ssd is not None:
+            ssd.close()
+        err = MountError(f"cannot mount {image} at {mountpoint}: FUSE mount failed ({e})")
+        _write_ready(ready_fd, ERROR_PREFIX + str(err).encode() + b"\n")
+        raise err from e
+    # Prefetch into the SSD tier only, and never more than half of it.
+    budget = opts.cache_size // 2 if (opts.prefetch and ssd is not None) else 0
+    daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget)
+    try:
+        trio.run(daemon.run)
+    finally:
+        # Unmount unless someone already did (fusermount3 -u): asking twice only
+        # makes libfuse print an error. mountinfo is read without touching the mount.
+        pyfuse3.close(unmount=mounted_at(mp))
+        daemon.cleanup()
+        if ssd is not None:
+            ssd.close()
+    if daemon.failed is not None:
+        raise MountError(f"{mountpoint}: {daemon.failed}")
+
+
+class _Daemon:
+    """The trio side of a mount: the FUSE loop, signals, stats and the readiness probe."""
+
+    def __init__(self, image: str, digest: str, paths: RunPaths, ops: Any, reader: Any,
+                 ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0) -> None:
+        self.index = index
+        self.prefetch_budget = prefetch_budget
+        self.ready: Any = None  # a trio.Event, made inside the loop
+        self.image = image
+        self.digest = digest
+        self.paths = paths
+        self.ops = ops
+        self.reader = reader
+        self.ready_fd = ready_fd
+        self.started = time.time()
+        self.failed: str | None = None
+
+    async def run(self) -> None:
+        import threading
+
+        import pyfuse3
+        import trio
+
+        self.ready = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async def fuse_main() -> None:
+                try:
+                    await pyfuse3.main()
+                    log.info("%s: FUSE session ended", self.paths.mountpoint)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(fuse_main)
+            if threading.current_thread() is threading.main_thread():
+                await nursery.start(self._signals)
+            await nursery.start(self._stats_server)
+            nursery.start_soon(self._become_ready)
+            if self.prefetch_budget > 0 and self.index is not None:
+                nursery.start_soon(self._prefetch)
+        # Unmounted: finish the SSD write-behind so the next mount finds what this one fetched.
+        aclose = getattr(self.reader, "aclose", None)
+        if aclose is not None:
+            with trio.move_on_after(30) as scope:
+                await aclose()
+            if scope.cancelled_caught:
+                log.warning("gave up writing the SSD cache after 30 s")
+
+    async def _prefetch(self) -> None:
+        from imagefs.prefetch import prefetch_image
+
+        await self.ready.wait()  # the mount answers first; prefetch never delays that
+        try:
+            await prefetch_image(self.index, self.reader, self.prefetch_budget)
+        except Exception:  # prefetch is an optimisation: it must never take the mount down
+            log.exception("prefetch failed")
+
+    async def _become_ready(self) -> None:
+        import trio
+
+        from imagefs.readahead import set_read_ahead_kb
+
+        def probe() -> None:
+            st = os.stat(self.paths.mountpoint)  # a round trip through the kernel and our loop
+            if st.st_ino != 1:
+                raise OSError(errno.EIO, f"mountpoint answered with inode {st.st_ino}")
+            set_read_ahead_kb(self.paths.mountpoint)
+
+        try:
+            await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
+        except OSError as e:
+            self.failed = f"mount does not answer: {e}"
+            _write_ready(self.ready_fd, ERROR_PREFIX + self.failed.encode() + b"\n")
+            import pyfuse3
+
+            pyfuse3.terminate()
+            return
+        self._write_record()
+        log.info("mounted %s (%s) at %s", self.image, self.digest, self.paths.mountpoint)
+        _write_ready(self.ready_fd, READY)
+        self.ready.set()
+
+    async def _signals(self, task_status: Any) -> None:
+        import pyfuse3
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("%s: unmounting on %s", self.paths.mountpoint, signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+
+    async def _stats_server(self, task_status: Any) -> None:
+        import trio
+
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            os.makedirs(os.path.dirname(self.paths.socket), mode=0o755, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.socket)
+            await sock.bind(self.paths.socket)
+            sock.listen(16)
+        except OSError as e:  # no stats is no reason to refuse the mount
+            sock.close()
+            log.warning("no stats socket at %s: %s", self.paths.socket, e)
+            task_status.started()
+            return
+        listener = trio.SocketListener(sock)
+
+        async def answer(stream: trio.SocketStream) -> None:
+            try:
+                await stream.send_all(json.dumps(self.stats()).encode())
+            except trio.BrokenResourceError:
+                pass
+            except Exception:  # stats must never take the mount down
+                log.exception("stats request failed")
+            finally:
+                await stream.aclose()
+
+        await trio.serve_listeners(answer, [listener], task_status=task_status)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "image": self.image, "digest": self.digest, "mountpoint": self.paths.mountpoint,
+            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
+            "requests": self.ops.counters(),
+        }
+        stats = getattr(self.reader, "stats", None)
+        if stats is not None:
+            out["cache"] = stats().as_dict()
+        return out
+
+    def _write_record(self) -> None:
+        record = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "image": self.image, "digest": self.digest,
+                  "mountpoint": self.paths.mountpoint, "socket": self.paths.socket, "log": self.paths.log}
+        tmp = self.paths.record + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, self.paths.record)
+
+    def cleanup(self) -> None:
+        for p in (self.paths.socket, self.paths.record):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+
+# -- python -m imagefs.daemon ------------------------------------------------------------
+
+
+def _daemon_main(argv: list[str] | None = None) -> int:
+    import argparse
+    import faulthandler
+
+    p = argparse.ArgumentParser(prog="python -m imagefs.daemon", description="imagefs mount daemon (internal)")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--options", default="{}")
+    p.add_argument("--log-level", type=int, default=logging.INFO)
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s imagefs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks into the log
+    try:
+        serve(args.image, args.mountpoint, MountOptions.from_json(args.options), ready_fd=args.ready_fd)
+    except MountError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_daemon_main())
