@@ -1015,7 +1015,7 @@ def render(args: argparse.Namespace, prep: Prepared, mount: MountResult | None, 
             notes.append(f"With agent: an `imagefs agent` started for this run (own socket); {mount.by_agent} of {n} "
                          "measured mounts were served by a daemon it forked (checked by the daemon's parent pid). "
                          "Without agent: the same command pointed at a socket that does not exist, so it spawns "
-                         "`python -m imagefs.mount`; the two are interleaved.")
+                         "`python -m imagefs.daemon`; the two are interleaved.")
     if seq is not None:
         r_warm = seq.local_cold.median / seq.ssd_warm.median
         r_hot = seq.local_hot.median / seq.hot.median
