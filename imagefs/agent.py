@@ -7,8 +7,9 @@ socket. For each mount it forks a child that runs exactly what a spawned daemon 
 (:func:`imagefs.daemon.serve`) in a session of its own, so a mount outlives the agent
 and still has a process to itself (pyfuse3 serves one FUSE session per process).
 
-``imagefs mount`` (and ``imagefs run``) ask the agent when its socket answers and
-spawn a daemon otherwise, so the agent is an accelerator, never a dependency. The
+``imagefs mount`` (and ``imagefs run``) ask the agent (:func:`imagefs.mount.request_mount`)
+when its socket answers and spawn a daemon otherwise, so the agent is an accelerator,
+never a dependency. The
 request carries the caller's environment (store credentials, ``IMAGEFS_*``) and the
 write end of the caller's readiness pipe (SCM_RIGHTS), so the caller waits for the
 mount exactly as it does for a spawned daemon.

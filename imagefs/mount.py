@@ -13,7 +13,7 @@ run-directory paths, the readiness protocol).
   under the run directory (``$IMAGEFS_RUN_DIR`` or /run/imagefs), named after the
   mountpoint (:class:`RunPaths`).
 - With an agent, the ``imagefs mount`` process itself is most of a mount's latency,
-  so this module imports little at module level: no logging, dataclasses, argparse,
+  so this module imports little at module level: no logging, dataclasses, argparse, signal,
   subprocess or socket (each is imported where it is used, off the agent path).
 """
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 GiB = 1 << 30
 MiB = 1 << 20
 INFO = 20  # logging.INFO, without importing logging
-SIGUSR1, SIGKILL, SIGTERM = 10, 9, 15  # Linux's numbers, without the signal module's enum set-up
 FSTYPE = "fuse.imagefs"
 AGENT_SOCKET_NAME = "agent.sock"
 READY = b"ready\n"
@@ -369,12 +368,14 @@ def _wait_exit(pid: int, timeout: float) -> bool:
 
 def _stop_daemon(pid: int, mountpoint: str) -> None:
     """Make sure a daemon that failed to start is gone and left no mount."""
+    import signal
+
     if _alive(pid):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         if not _wait_exit(pid, 5.0):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             _wait_exit(pid, 5.0)
     if is_imagefs_mount(mountpoint):
         import subprocess
@@ -416,6 +417,7 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
     lives on only as a copy in another mount namespace (a container or ``unshare -m``
     started while it was mounted), which keeps the FUSE session open.
     """
+    import signal
     import subprocess
 
     mp = os.path.realpath(mountpoint)
@@ -439,9 +441,9 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
     _log().warning("%s: daemon %d still running %gs after unmount; terminating it (stacks in its log)",
                 mountpoint, pid, timeout)
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, SIGUSR1)
+        os.kill(pid, signal.SIGUSR1)
         time.sleep(0.2)
-        os.kill(pid, SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     if not _wait_exit(pid, 5.0):
         raise MountError(f"{mountpoint}: unmounted, but daemon {pid} did not exit")
 
