@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -174,8 +175,6 @@ class _Daemon:
         self.failed: str | None = None
 
     async def run(self) -> None:
-        import threading
-
         import pyfuse3
         import trio
 
