@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_level_sweep:
             chunks = rootfs_chunks(images["torch"].rootfs, LEVEL_SAMPLE)
             sample = sum(len(c) for c in chunks)
-            levels = level_sweep(chunks, (1, 2, 3, 4), args.repeat)
+            levels = level_sweep(chunks, tuple(sorted({1, 2, 3, 4, ZSTD_LEVEL})), args.repeat)
             del chunks
 
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             "## Indexing", "",
             f"`python -m bench indexing --repeat {args.repeat}{' --skip-sweep' if args.skip_sweep else ''}"
             f"{' --skip-level-sweep' if args.skip_level_sweep else ''}` on {when}; {platform.node()}, "
-            f"chunks compressed at zstd level {ZSTD_LEVEL}, "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}, local-directory store on the same disk. "
+            f"{os.cpu_count()} cores, Python {platform.python_version()}, chunks compressed at zstd level "
+            f"{ZSTD_LEVEL}, local-directory store on the same disk. "
             "Baseline, same run, same layers: `tar --zstd -xf` of every layer to local disk (decompress + unpack). "
             "The layer blobs are read once before every timed run, of either (page cache warm). "
             "Content is uncompressed layer bytes; times are medians. `CPU` is the indexer's own user+system "
