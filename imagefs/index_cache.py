@@ -17,7 +17,8 @@ A copy is checked on every load: it carries the blake3 of its body, and a copy w
 body does not hash to it (damaged, truncated) is refetched from the store, verified
 against the index digest, and rewritten. The body is written only after that
 verification, so it is exactly the index the digest names. Copies are written to a
-temporary file and renamed into place: a crash leaves no partial copy.
+temporary file and renamed into place without an fsync: after a power loss a copy may be
+short or torn, which the check on load turns into a refetch, never a wrong index.
 
 Copy layout, ``DIR/indexes/<hex digest>.body``: one 4 KiB page of header (magic,
 body length, blake3 of the body, zero padding), then the body, so that the body can be
