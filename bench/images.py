@@ -365,7 +365,7 @@ def count_entries(root: Path) -> int:
     return n
 
 
-class _HashingFile:
+class HashingFile:
     """A write-only file that hashes and counts what passes through it."""
 
     def __init__(self, f: IO[bytes] | None) -> None:
@@ -397,9 +397,9 @@ class _LayerSink:
     with the digests of the tar (the diff id) and of each blob."""
 
     def __init__(self, zst: IO[bytes], gz: IO[bytes]) -> None:
-        self.tar = _HashingFile(None)
-        self.zst = _HashingFile(zst)
-        self.gz = _HashingFile(gz)
+        self.tar = HashingFile(None)
+        self.zst = HashingFile(zst)
+        self.gz = HashingFile(gz)
         self._zw = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).stream_writer(
             self.zst, closefd=False  # type: ignore[arg-type]
         )

@@ -67,11 +67,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import zstandard
 
-from bench.images import BenchImage, ensure_images, resolve_workdir
+from bench.images import BenchImage, HashingFile, ensure_images, resolve_workdir
 from bench.scenarios import (drop_caches, force_unmount, fuse_from_stats, is_mounted, stats_diff, stop_process,
                              tiers_from_stats)
 
@@ -147,28 +147,6 @@ def _stamp(stamp: Path, inputs: dict[str, Any], seconds: float) -> None:
 # --------------------------------------------------------------------------- the 1 GiB image
 
 
-class _HashingWriter:
-    """Passes writes on to ``sink`` while hashing (sha256) and counting them."""
-
-    def __init__(self, sink: IO[bytes] | Any) -> None:
-        self.sink = sink
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, b: bytes | bytearray | memoryview) -> int:
-        self.sha.update(b)
-        self.size += len(b)
-        self.sink.write(b)
-        return len(b)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
-
-
 def write_big_file(path: Path, size: int, seed: int = BIG_SEED) -> None:
     """``size`` bytes of seeded pseudo-random data (zstd cannot shrink it, as with
     weights or compressed media); the same seed gives the same bytes."""
@@ -198,9 +176,9 @@ def write_one_file_layout(layout: Path, src: Path, name_in_image: str) -> None:
     blobs.mkdir(parents=True)
     tmp_layer = blobs / "layer.tmp"
     with open(tmp_layer, "wb") as raw:
-        compressed = _HashingWriter(raw)
+        compressed = HashingFile(raw)
         zw = zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(compressed, closefd=False)
-        plain = _HashingWriter(zw)
+        plain = HashingFile(zw)
         with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             parts = name_in_image.split("/")
             for i in range(1, len(parts)):
@@ -814,6 +792,33 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     return {"tiers": tiers_from_stats(stats), "fuse": fuse_from_stats(stats)}
 
 
+@dataclass(frozen=True)
+class WarmThenHot:
+    """One SSD-warm run of a workload through a fresh mount, then the same run hot."""
+
+    warm: float  # seconds, page cache dropped first
+    hot: float  # seconds, right after
+    daemon_cpu: float  # the daemon's CPU seconds during the warm run
+    warm_stats: dict[str, Any]  # tier and FUSE counters of the warm run
+    hot_stats: dict[str, Any]
+
+
+def warm_then_hot(mp: Path, workload: Callable[[], float]) -> WarmThenHot:
+    """Drop the page cache, run ``workload`` through the mount at ``mp`` (SSD warm), then
+    again (hot), with the daemon's CPU and counters for each: the measurement the
+    sequential-read and import benches share."""
+    drop_caches()
+    s0 = imagefs_stats(mp)
+    pid = int(s0["pid"])
+    cpu0 = cpu_seconds(pid)
+    warm = workload()
+    cpu = cpu_seconds(pid) - cpu0
+    s1 = imagefs_stats(mp)
+    hot = workload()
+    s2 = imagefs_stats(mp)
+    return WarmThenHot(warm, hot, cpu, _summary(stats_diff(s1, s0)), _summary(stats_diff(s2, s1)))
+
+
 def bench_seqread(prep: Prepared, scratch: Scratch, repeat: int) -> SeqResult:
     res = SeqResult(prep.big_size)
     mp = scratch.dir("mnt-big")
@@ -826,23 +831,16 @@ def bench_seqread(prep: Prepared, scratch: Scratch, repeat: int) -> SeqResult:
         drop_caches()
         return read_file(prep.big_file), read_file(prep.big_file)
 
-    def imagefs() -> tuple[float, float, float, dict[str, Any], dict[str, Any]]:
+    def imagefs() -> WarmThenHot:
         with mounted(prep, BIG_NAME, mp, cache_dir):
             res.ra_mount = read_ahead_kb(mp)
-            drop_caches()
-            s0 = imagefs_stats(mp)
-            cpu0 = cpu_seconds(int(s0["pid"]))
-            warm = read_file(target)
-            cpu = cpu_seconds(int(s0["pid"])) - cpu0
-            s1 = imagefs_stats(mp)
-            hot = read_file(target)
-            s2 = imagefs_stats(mp)
+            run = warm_then_hot(mp, lambda: read_file(target))
             if not res.hot_small_ra:  # once: does the 32 MiB window cost anything when hot?
                 ra = read_ahead_kb(mp)
                 set_read_ahead(mp, SMALL_READ_AHEAD_KB)
                 res.hot_small_ra.append(read_file(target))
                 set_read_ahead(mp, ra)
-        return warm, hot, cpu, _summary(stats_diff(s1, s0)), _summary(stats_diff(s2, s1))
+        return run
 
     def run_local() -> None:
         cold, hot = GUARD.run("seq read, local", local, 1)
@@ -850,12 +848,12 @@ def bench_seqread(prep: Prepared, scratch: Scratch, repeat: int) -> SeqResult:
         res.local_hot.add(hot)
 
     def run_imagefs() -> None:
-        warm, hot, cpu, warm_stats, hot_stats = GUARD.run("seq read, imagefs", imagefs, 1)
-        res.ssd_warm.add(warm)
-        res.hot.add(hot)
-        res.daemon_cpu.append(cpu)
+        run = GUARD.run("seq read, imagefs", imagefs, 1)
+        res.ssd_warm.add(run.warm)
+        res.hot.add(run.hot)
+        res.daemon_cpu.append(run.daemon_cpu)
         if not res.warm_stats:
-            res.warm_stats, res.hot_stats = warm_stats, hot_stats
+            res.warm_stats, res.hot_stats = run.warm_stats, run.hot_stats
 
     for rep in range(repeat):
         steps: list[Callable[[], None]] = [run_local, run_imagefs]
@@ -923,17 +921,10 @@ def bench_import(prep: Prepared, scratch: Scratch, repeat: int) -> ImportResult:
 
     def imagefs() -> dict[str, float]:
         with mounted(prep, TORCH_NAME, mp, cache_dir):
-            drop_caches()
-            s0 = imagefs_stats(mp)
-            cpu0 = cpu_seconds(int(s0["pid"]))
-            warm = chroot_import(mp)
-            cpu = cpu_seconds(int(s0["pid"])) - cpu0
-            s1 = imagefs_stats(mp)
-            hot = chroot_import(mp)
-            s2 = imagefs_stats(mp)
+            run = warm_then_hot(mp, lambda: chroot_import(mp))
         if not res.warm_stats:
-            res.warm_stats, res.hot_stats = _summary(stats_diff(s1, s0)), _summary(stats_diff(s2, s1))
-        return {"imagefs SSD warm": warm, "imagefs hot": hot, CPU_KEY: cpu}
+            res.warm_stats, res.hot_stats = run.warm_stats, run.hot_stats
+        return {"imagefs SSD warm": run.warm, "imagefs hot": run.hot, CPU_KEY: run.daemon_cpu}
 
     steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
         ("local disk", local), ("squashfuse", squash), ("imagefs", imagefs)]
