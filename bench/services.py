@@ -203,9 +203,18 @@ def start_registry(ns: str, workdir: Path, port: int = 5000) -> Service:
 
 
 class _StaticHandler(http.server.SimpleHTTPRequestHandler):
-    """Files of a directory over HTTP/1.1 keep-alive (as a CDN or S3 website would)."""
+    """Files of a directory over HTTP/1.1 keep-alive (as a CDN or S3 website would).
+
+    TCP_NODELAY: the handler writes the headers and then the body in separate sends;
+    with Nagle on, the body waits for the client's (delayed, ~40 ms) ACK of the
+    headers. A client that fetches one small file after another on one keep-alive
+    connection (casync-http: one GET per ~64 KiB chunk) then pays ~43 ms a request
+    on top of the emulated link: measured on loopback, without the delay proxy, 2,621
+    casync chunk GETs at 43-45 ms each, vs ~0.3 ms with TCP_NODELAY.
+    """
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
