@@ -11,10 +11,14 @@ the bench's GIL):
 
 1. ``disk``   16 clients: open + read the cached chunk files (the baseline).
 2. ``server`` 16 raw HTTP clients (blocking sockets, keep-alive), one
-   ``GET /v1/chunk/...`` per request, body received into a reused buffer, not hashed:
+   ``GET /v2/chunk/...`` per request, body received into a reused buffer, not hashed:
    what the server can deliver.
 3. ``client`` 16 trio tasks sharing one :class:`~cache.azclient.AZCacheTier` (batch
    endpoint, pooled connections, every chunk verified): what a mount gets.
+
+The chunks are random bytes, so their zstd frames (what the server keeps and sends)
+are as large as the chunks: every figure is in bytes on the wire, the worst case.
+Real image chunks travel at under a third of their size (torch: 0.30x).
 
 Targets (issue "AZ cache server"): >= 1 GB/s aggregate and p99 <= 10 ms in phase 2.
 ``--json FILE`` writes the figures.

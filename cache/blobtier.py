@@ -64,6 +64,15 @@ class BlobTier:
         Raises :class:`CorruptChunk` if ``ref`` is bad twice, and whatever the store
         raises if it cannot read.
         """
+        return self._fetch(ref, neighbours, frames=False)
+
+    def fetch_frames(self, ref: ChunkRef, neighbours: Sequence[ChunkRef] = ()) -> dict[bytes, bytes]:
+        """Like :meth:`fetch`, but each value is the chunk's zstd frame as the pack
+        stores it (verified: it decompresses to the bytes its digest names). What the
+        AZ cache server keeps and sends, so chunks cross the zone's links compressed."""
+        return self._fetch(ref, neighbours, frames=True)
+
+    def _fetch(self, ref: ChunkRef, neighbours: Sequence[ChunkRef], *, frames: bool) -> dict[bytes, bytes]:
         run = contiguous_run(ref, neighbours, self.max_range)
         start = ref.offset
         end = run[-1].offset + run[-1].clen if run else ref.offset + ref.clen
@@ -73,18 +82,14 @@ class BlobTier:
         for c in [ref, *run]:
             lo = c.offset - start
             try:
-                if lo + c.clen > len(raw):
-                    raise CorruptChunk(f"{c}: pack ends before the chunk does")
-                out[c.digest] = open_chunk(c, raw[lo:lo + c.clen])
+                out[c.digest] = _open(c, raw[lo:lo + c.clen], frames)
             except CorruptChunk:
                 corrupt += 1
         if ref.digest not in out:
             # Perhaps damaged in transit: read it once more, by itself.
             again = self._get_range(ref.pack, ref.offset, ref.clen)
             try:
-                if len(again) != ref.clen:
-                    raise CorruptChunk(f"{ref}: pack ends before the chunk does")
-                out[ref.digest] = open_chunk(ref, again)
+                out[ref.digest] = _open(ref, memoryview(again), frames)
             except CorruptChunk as e:
                 self.counters.add(corrupt=corrupt + 1, misses=len(run) + 1 - len(out))
                 raise CorruptChunk(f"{ref}: corrupt in the blob store ({e})") from e
@@ -93,3 +98,11 @@ class BlobTier:
 
     def stats(self) -> TierStats:
         return self.counters.snapshot()
+
+
+def _open(ref: ChunkRef, frame: memoryview, keep_frame: bool) -> bytes:
+    """The verified chunk in ``frame`` (its slice of a pack): uncompressed, or the frame itself."""
+    if len(frame) != ref.clen:
+        raise CorruptChunk(f"{ref}: pack ends before the chunk does")
+    data = open_chunk(ref, frame)
+    return bytes(frame) if keep_frame else data

@@ -17,7 +17,9 @@ The shape follows from the physics in DESIGN.md:
   get never waits on a queued prefetch either.
 - A remote tier (the AZ cache server) is a fallback, never a point of failure: one
   that raises, times out or returns bad bytes counts as a miss. The chain verifies
-  what remote tiers return (they need not), so a wrong server costs latency only.
+  what remote tiers return, unless the tier says it has (``verifies``: the AZ client
+  decompresses and hashes every chunk itself, and a second blake3 pass over the
+  same bytes bought nothing), so a wrong server costs latency only.
 - Blob-store errors are retried with exponential backoff; after that the get raises
   :class:`ChunkUnavailable`, naming the chunk.
 - Fills go upward: what came from below is put in memory at once and queued for the
@@ -63,6 +65,8 @@ class RemoteTier(Protocol):
 
     ``fetch`` returns digest -> uncompressed bytes for the refs it has and leaves out
     the rest. It may raise or hang: the chain treats that as a miss, with a timeout.
+    A tier whose ``verifies`` attribute is true promises that every chunk it returns
+    has been checked against its digest and size; the chain checks the others.
     """
 
     name: str
@@ -287,9 +291,12 @@ class ChunkChain:
             c.add(errors=1, misses=len(refs))
             return {}
         good: dict[bytes, bytes] = {}
-        if offered:
+        if offered and getattr(tier, "verifies", False):
+            good = {d: v for d, v in offered.items() if len(v) == by_digest[d].ulen}
+        elif offered:
             good = await trio.to_thread.run_sync(_verified, by_digest, offered, limiter=self._threads)
-        c.fetch(len(good), sum(map(len, good.values())), time.perf_counter() - t0, wanted=len(refs))
+        # Bytes as stored (compressed), like the blob tier's: what crossed the network.
+        c.fetch(len(good), sum(by_digest[d].clen for d in good), time.perf_counter() - t0, wanted=len(refs))
         if len(good) < len(offered):
             c.add(corrupt=len(offered) - len(good))
         return good

@@ -91,8 +91,12 @@ def decompress(data: bytes | memoryview, ulen: int) -> bytes:
     """Decompress one chunk whose uncompressed size is ``ulen``.
 
     Raises :class:`CorruptChunk` for a stream that is not valid zstd or has the wrong size.
+    The frame header's size is checked first: zstd would allocate whatever it claims.
     """
     try:
+        claimed = zstandard.frame_content_size(data)
+        if claimed not in (-1, ulen):
+            raise CorruptChunk(f"chunk frame claims {claimed} bytes, expected {ulen}")
         out = _decompressor().decompress(data, max_output_size=ulen)
     except zstandard.ZstdError as e:
         raise CorruptChunk(f"not a valid zstd chunk: {e}") from e
@@ -113,3 +117,22 @@ def open_chunk(ref: ChunkRef, compressed: bytes | memoryview) -> bytes:
     data = decompress(compressed, ref.ulen)
     verify(ref.digest, data)
     return data
+
+
+def check_frame(digest: bytes, frame: bytes | memoryview, max_size: int) -> int:
+    """Raise :class:`CorruptChunk` unless ``frame`` is one zstd frame of at most
+    ``max_size`` bytes that decompresses to the chunk ``digest`` names; its size if so.
+
+    Unlike :func:`open_chunk` this trusts no caller's idea of the size: the frame's
+    own header says it (our compressor always writes it). That is what a cache that
+    keeps frames needs: a request that names a wrong size must not make a good copy
+    look bad.
+    """
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise CorruptChunk(f"chunk {digest.hex()[:16]}: not a zstd frame: {e}") from e
+    if not 0 <= size <= max_size:  # -1: the header does not say
+        raise CorruptChunk(f"chunk {digest.hex()[:16]}: frame header gives no usable size ({size})")
+    verify(digest, decompress(frame, size))
+    return size

@@ -16,6 +16,11 @@ Why this shape:
 - Every hit is verified (blake3) before it is returned; a file that fails is deleted
   with its record, counted as ``corrupt`` and reported as a miss, so the chain
   fetches the chunk again from below.
+- The AZ cache server keeps the same structure with ``frames=True``: each file is
+  the chunk's zstd frame, as the packs store it, because the server's job is to send
+  chunks over a network (under a third of the bytes) and a host's job is to read
+  them back fast. Which form a directory holds is recorded in its LMDB (``form``) and
+  checked at open, so a host cache and a server cache are never mixed up.
 
 Crash safety (a crash leaves the cache smaller, never corrupt):
 
@@ -63,7 +68,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import lmdb
 
-from cache.chunk import ChunkRef, CorruptChunk, verify
+from cache.chunk import ChunkRef, CorruptChunk, check_frame, verify
 from cache.directio import DirectReader
 from cache.stats import Counters, TierStats
 
@@ -80,6 +85,10 @@ _REC = struct.Struct(">QQ")  # size, last access (ns since the epoch)
 _ATIME = struct.Struct(">Q")  # big-endian, so the LRU index sorts oldest first
 _TOTAL = b"total"
 _COUNT = b"count"
+_FORM = b"form"
+FORM_RAW = b"raw"  # uncompressed chunks (a host's tier)
+FORM_FRAMES = b"zstd"  # zstd frames (an AZ cache server's disk)
+MAX_FRAME_CONTENT = 1 << 30  # a frame claiming more than this is not one of our chunks
 
 
 def _lru_key(atime_ns: int, digest: bytes) -> bytes:
@@ -144,20 +153,27 @@ class ScrubReport:
     total: int
 
 
+class FormMismatch(ValueError):
+    """A directory that holds chunks in the other form (a host cache opened as a server's, or back)."""
+
+
 class SSDTier:
-    """Verified uncompressed chunks on local disk, bounded by ``max_bytes``, LRU-evicted,
-    safe across the threads of a process and across processes."""
+    """Verified chunks on local disk, bounded by ``max_bytes``, LRU-evicted, safe across
+    the threads of a process and across processes. Uncompressed by default; with
+    ``frames=True`` each entry is the chunk's zstd frame and ``get`` returns the frame
+    (verified by decompressing it), ``put`` takes one."""
 
     name = "ssd"
 
     def __init__(self, directory: str, max_bytes: int, *, map_size: int = DEFAULT_MAP_SIZE,
                  fsync: bool = False, touch_after: float = 2.0, touch_batch: int = 64,
-                 touch_interval: float = 2.0, direct: bool = True) -> None:
+                 touch_interval: float = 2.0, direct: bool = True, frames: bool = False) -> None:
         if max_bytes < 0:
             raise ValueError(f"ssd tier {directory}: max_bytes must be >= 0, got {max_bytes}")
         self.directory = os.path.abspath(directory)
         self.max_bytes = max_bytes
         self.fsync = fsync
+        self.frames = frames
         self._touch_after = int(touch_after * 1e9)
         self._touch_batch = touch_batch
         self._touch_interval = int(touch_interval * 1e9)
@@ -167,6 +183,11 @@ class SSDTier:
         os.makedirs(self._tmp_dir, exist_ok=True)
         self._env_path = os.path.realpath(os.path.join(self.directory, META_DIR))
         self._e = _acquire_env(self._env_path, map_size)
+        try:
+            self._check_form(FORM_FRAMES if frames else FORM_RAW)
+        except BaseException:
+            _release_env(self._env_path)
+            raise
         self._closed = False
         self._made_dirs: set[str] = set()
         self._touch_lock = threading.Lock()
@@ -175,6 +196,24 @@ class SSDTier:
         self.counters = Counters(self.name)
         self._reader = DirectReader(direct)
         self.sweep_temps()
+
+    def _check_form(self, want: bytes) -> None:
+        """Record the directory's form on first use; refuse a directory of the other form.
+        (Caches written before the form was recorded hold uncompressed chunks.)"""
+        with self._e.env.begin(db=self._e.meta) as txn:
+            have = txn.get(_FORM)
+        if have is None:
+            with self._e.env.begin(write=True, db=self._e.meta) as txn:
+                have = txn.get(_FORM)
+                if have is None:
+                    have = want if self._totals(txn)[1] == 0 else FORM_RAW
+                    txn.put(_FORM, have)
+        have = bytes(have)
+        if have != want:
+            names = {FORM_RAW: "uncompressed chunks (a host's SSD tier)",
+                     FORM_FRAMES: "zstd chunk frames (an AZ cache server's disk cache)"}
+            raise FormMismatch(f"{self.directory}: holds {names.get(have, repr(have))}, not "
+                               f"{names[want]}; use another directory or empty this one")
 
     # ---- paths -------------------------------------------------------------------
 
@@ -206,7 +245,8 @@ class SSDTier:
             return {d for d in digests if txn.get(d) is not None}
 
     def get(self, ref: ChunkRef) -> bytes | None:
-        """The verified bytes of ``ref``, or None (a miss, or a bad copy now deleted)."""
+        """The verified bytes of ``ref`` (its frame, with ``frames``), or None (a miss,
+        or a bad copy now deleted)."""
         t0 = time.perf_counter()
         try:
             data = self._read(ref.digest)
@@ -229,7 +269,10 @@ class SSDTier:
         try:
             if len(data) != size:
                 raise CorruptChunk(f"{len(data)} bytes on disk, {size} recorded")
-            verify(digest, data)
+            if self.frames:
+                check_frame(digest, data, MAX_FRAME_CONTENT)
+            else:
+                verify(digest, data)
         except CorruptChunk:
             self.counters.add(corrupt=1)
             self._forget(digest, ino)

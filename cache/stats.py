@@ -32,7 +32,9 @@ class TierStats:
     """One tier's counters at one instant.
 
     ``requests`` lookups or fetches asked of the tier, ``hits``/``misses`` chunks it
-    did/did not serve, ``bytes`` bytes it served, ``errors`` failures (I/O, timeouts),
+    did/did not serve, ``bytes`` bytes it served (the memory and SSD tiers: uncompressed;
+    the blob store and remote tiers: compressed, as they cross the network),
+    ``errors`` failures (I/O, timeouts),
     ``corrupt`` copies that failed verification and were dropped, ``evictions`` chunks
     it dropped for room, ``stored_bytes``/``entries`` what it holds now (0 when it
     holds nothing, e.g. the blob store).

@@ -55,7 +55,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="address to listen on (port 0: any free port, printed at start)")
     add_store_options(p)
     p.add_argument("--dir", metavar="DIR", required=True, help="disk-cache directory")
-    p.add_argument("--max-size", metavar="SIZE", required=True, help="disk-cache bound, e.g. 512M or 10G")
+    p.add_argument("--max-size", metavar="SIZE", required=True, help="disk-cache bound, e.g. 512M or 10G (chunks are kept compressed, as the packs store them)")
     p.add_argument("--secret-file", metavar="FILE",
                    help=f"require 'Authorization: Bearer <secret>' (default: ${SECRET_ENV} if set)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
@@ -83,13 +83,15 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
     import trio
 
     from cache.server import CacheServer, ServerOptions, raise_fd_limit, run_server
-    from cache.ssd import SSDTier
+    from cache.ssd import FormMismatch, SSDTier
     from cache.stores import open_store
 
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
     store.check()  # a wrong store is a startup error, not a stream of 503s
     try:
-        ssd = SSDTier(args.dir, max_bytes, fsync=False)  # see cache.server: files are re-verified
+        ssd = SSDTier(args.dir, max_bytes, fsync=False, frames=True)  # see cache.server: files are re-verified
+    except FormMismatch as e:
+        raise CLIError(f"--dir: {e}") from None
     except OSError as e:
         raise CLIError(f"--dir {args.dir}: {e.strerror or e}") from None
     raise_fd_limit()

@@ -97,6 +97,27 @@ def test_chunks_spread_over_two_servers_each_from_its_owner(tmp_path: Path,
     assert (s.hits, s.misses, s.errors, s.corrupt) == (96, 0, 0, 0)
 
 
+def test_chunks_cross_the_wire_as_their_compressed_frames(tmp_path: Path,
+                                                         cache_servers: list[CacheServerProcess]) -> None:
+    store = LocalStore(str(tmp_path / "store"))
+    chunks = random_chunks(16, 256 * 1024, seed=5, compressible=True)
+    refs = write_pack(store, chunks)
+    srv = start_cache_server(tmp_path, store.root)
+    cache_servers.append(srv)
+    tier = AZCacheTier([srv.address])
+
+    async def twice() -> list[dict[bytes, bytes]]:
+        return [await tier.fetch(refs), await tier.fetch(refs)]
+
+    for got in run(twice):  # a read-through, then hits sent from the server's disk
+        assert got == {r.digest: c for r, c in zip(refs, chunks)}
+    frames = sum(r.clen for r in refs)
+    assert frames < sum(map(len, chunks)) // 4, "the test's chunks compress"
+    assert srv.metric("served_bytes_total") == 2 * frames, "the server sent frames, not chunks"
+    assert srv.metric("cache_bytes") == frames, "and keeps them compressed"
+    assert tier.stats().bytes == 2 * frames, "the client counts what crossed the network"
+
+
 def test_reads_survive_servers_killed_and_stalled_mid_read(tmp_path: Path,
                                                            cache_servers: list[CacheServerProcess]) -> None:
     store, chunks, refs = local_pack(tmp_path, 32, 16_000)

@@ -21,10 +21,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from cache.chunk import ChunkRef, digest_of
+from cache.chunk import ChunkRef, compress, digest_of
 from cache.localstore import LocalStore
 from cache.server_wire import (BATCH_PATH, MAX_BATCH_REFS, ST_CORRUPT, ST_NOT_FOUND, ST_OK, chunk_query,
                                encode_refs, iter_frames)
+from cache.ssd import SSDTier
 from tests.support.cacheserver import (CacheServerProcess, cache_servers, parse_prometheus,  # noqa: F401
                                        start_cache_server)
 from tests.support.chunks import random_chunks, write_pack
@@ -51,10 +52,17 @@ def batch(server: CacheServerProcess, refs: list[ChunkRef],
             c.close()
 
 
-def local_pack(root: Path, n: int, size: int, seed: int = 1) -> tuple[LocalStore, list[bytes], list[ChunkRef]]:
+def local_pack(root: Path, n: int, size: int, seed: int = 1, *,
+               compressible: bool = False) -> tuple[LocalStore, list[bytes], list[ChunkRef]]:
+    """A pack of ``n`` chunks in a local store: (store, each chunk's frame as the pack
+    stores it, which is what the server must send, refs)."""
     store = LocalStore(str(root / "store"))
-    chunks = random_chunks(n, size, seed=seed, compressible=False)
-    return store, chunks, write_pack(store, chunks)
+    refs = write_pack(store, random_chunks(n, size, seed=seed, compressible=compressible))
+    return store, [pack_slice(store, r) for r in refs], refs
+
+
+def pack_slice(store: LocalStore, ref: ChunkRef) -> bytes:
+    return store.get_range(ref.pack, ref.offset, ref.clen)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -70,25 +78,25 @@ def cache_file_bytes(directory: Path) -> int:
 
 def test_single_and_batch_requests_read_through_then_hit(tmp_path: Path,
                                                          cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 8, 40_000)
+    store, stored, refs = local_pack(tmp_path, 8, 40_000)
     srv = start_cache_server(tmp_path, store.root)
     cache_servers.append(srv)
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)  # one keep-alive connection
 
     conn.request("GET", chunk_query(refs[0]))
     resp = conn.getresponse()
-    assert (resp.status, resp.read()) == (200, chunks[0])
+    assert (resp.status, resp.read()) == (200, stored[0])
     wait_for(lambda: srv.metric("cache_entries") == 1)  # the fill is written behind the response
     conn.request("GET", chunk_query(refs[0]))
     resp = conn.getresponse()
-    assert (resp.status, resp.read()) == (200, chunks[0])
+    assert (resp.status, resp.read()) == (200, stored[0])
     m = srv.metrics()
     assert m["imagefs_cache_server_misses_total"] == 1 and m["imagefs_cache_server_hits_total"] == 1
-    assert m["imagefs_cache_server_sendfile_bytes_total"] == len(chunks[0])  # the hit never entered Python
+    assert m["imagefs_cache_server_sendfile_bytes_total"] == len(stored[0])  # the hit never entered Python
 
     # Five cold chunks back to back in the pack: one ranged read for all of them.
     frames = batch(srv, refs[1:6], conn)
-    assert [(d, st, b) for d, st, b in frames] == [(r.digest, ST_OK, c) for r, c in zip(refs[1:6], chunks[1:6])]
+    assert [(d, st, b) for d, st, b in frames] == [(r.digest, ST_OK, c) for r, c in zip(refs[1:6], stored[1:6])]
     assert srv.metric("blob_fetches_total") == 2
 
     # Hits, a miss, a ref whose digest lies, a pack that does not exist, a duplicate: in order.
@@ -99,7 +107,7 @@ def test_single_and_batch_requests_read_through_then_hit(tmp_path: Path,
     assert [(d, st) for d, st, _ in frames] == [(refs[2].digest, ST_OK), (refs[7].digest, ST_OK),
                                                (liar.digest, ST_CORRUPT), (ghost.digest, ST_NOT_FOUND),
                                                (refs[2].digest, ST_OK)]
-    assert frames[0][2] == frames[4][2] == chunks[2] and frames[1][2] == chunks[7]
+    assert frames[0][2] == frames[4][2] == stored[2] and frames[1][2] == stored[7]
     assert frames[2][2] == b"" and frames[3][2] == b""
 
     conn.request("GET", chunk_query(liar))
@@ -116,9 +124,9 @@ def test_bad_requests_are_refused_clearly(tmp_path: Path, cache_servers: list[Ca
     srv = start_cache_server(tmp_path, store.root)
     cache_servers.append(srv)
     assert srv.request("POST", BATCH_PATH, body=b"\x01" * 7)[0] == 400
-    assert srv.request("GET", "/v1/chunk/zz?pack=packs/x&offset=0&clen=1&ulen=1")[0] == 400
-    assert srv.request("GET", f"/v1/chunk/{refs[0].hex}?pack=../etc/passwd&offset=0&clen=1&ulen=1")[0] == 400
-    assert srv.request("GET", f"/v1/chunk/{refs[0].hex}?pack=packs/x")[0] == 400
+    assert srv.request("GET", "/v2/chunk/zz?pack=packs/x&offset=0&clen=1&ulen=1")[0] == 400
+    assert srv.request("GET", f"/v2/chunk/{refs[0].hex}?pack=../etc/passwd&offset=0&clen=1&ulen=1")[0] == 400
+    assert srv.request("GET", f"/v2/chunk/{refs[0].hex}?pack=packs/x")[0] == 400
     assert srv.request("GET", BATCH_PATH)[0] == 405
     assert srv.request("GET", "/nowhere")[0] == 404
     too_many = encode_refs([refs[0]] * (MAX_BATCH_REFS + 1))
@@ -132,7 +140,7 @@ def s3_pack(seaweed: Seaweed) -> Iterator[tuple[Seaweed, str, list[bytes], list[
     prefix = f"cache-server-{uuid.uuid4().hex[:8]}"
     chunks = random_chunks(24, 64 * 1024, seed=7, compressible=False)
     refs = write_pack(seaweed.store(prefix), chunks)
-    yield seaweed, prefix, chunks, refs
+    yield seaweed, prefix, [compress(c) for c in chunks], refs  # the frames, as write_pack stores them
 
 
 def s3_env(seaweed: Seaweed) -> dict[str, str]:
@@ -143,7 +151,7 @@ def s3_env(seaweed: Seaweed) -> dict[str, str]:
 def test_64_concurrent_requests_for_a_cold_chunk_make_one_blob_get(
         tmp_path: Path, cache_servers: list[CacheServerProcess],
         s3_pack: tuple[Seaweed, str, list[bytes], list[ChunkRef]]) -> None:
-    seaweed, prefix, chunks, refs = s3_pack
+    seaweed, prefix, stored, refs = s3_pack
     with FaultProxy("127.0.0.1", seaweed.s3_port) as proxy:
         srv = start_cache_server(tmp_path, f"s3://{seaweed.bucket}/{prefix}", s3_endpoint=proxy.url,
                                  env=s3_env(seaweed))
@@ -172,7 +180,7 @@ def test_64_concurrent_requests_for_a_cold_chunk_make_one_blob_get(
             t.start()
         for t in threads:
             t.join(30)
-        assert results == [chunks[0]] * 64
+        assert results == [stored[0]] * 64
         assert proxy.requests == 1, "single flight: one blob GET for 64 concurrent requests"
         m = srv.metrics()
         assert m["imagefs_cache_server_misses_total"] == 64
@@ -182,14 +190,14 @@ def test_64_concurrent_requests_for_a_cold_chunk_make_one_blob_get(
         # Misses of one batch that are contiguous in the pack: one ranged GET.
         proxy.delay(0)
         frames = batch(srv, refs[1:9])
-        assert [b for _, _, b in frames] == chunks[1:9]
+        assert [b for _, _, b in frames] == stored[1:9]
         assert proxy.requests == 2
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(
         tmp_path: Path, cache_servers: list[CacheServerProcess],
         s3_pack: tuple[Seaweed, str, list[bytes], list[ChunkRef]]) -> None:
-    seaweed, prefix, chunks, refs = s3_pack
+    seaweed, prefix, stored, refs = s3_pack
     with FaultProxy("127.0.0.1", seaweed.s3_port) as proxy:
         srv = start_cache_server(tmp_path, f"s3://{seaweed.bucket}/{prefix}", s3_endpoint=proxy.url,
                                  env=s3_env(seaweed))
@@ -211,7 +219,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(
         t0 = time.monotonic()
         assert srv.terminate(timeout=15) == 0
         t.join(10)
-        assert got == [200, chunks[20]], "the in-flight request was finished, not cut"
+        assert got == [200, stored[20]], "the in-flight request was finished, not cut"
         assert time.monotonic() - t0 < 8
         idle.settimeout(5)
         assert idle.recv(1) == b"", "idle keep-alive connections are closed at shutdown"
@@ -223,10 +231,10 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(
 
 def test_restart_keeps_its_hits_and_never_serves_a_rotten_file(
         tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 8, 30_000)
+    store, stored, refs = local_pack(tmp_path, 8, 30_000)
     first = start_cache_server(tmp_path, store.root)
     cache_servers.append(first)
-    assert [b for _, _, b in batch(first, refs)] == chunks
+    assert [b for _, _, b in batch(first, refs)] == stored
     assert first.terminate() == 0
 
     # Rot one cached file, and take the pack away: a restarted server can only answer
@@ -240,7 +248,7 @@ def test_restart_keeps_its_hits_and_never_serves_a_rotten_file(
     second = start_cache_server(tmp_path, store.root)
     cache_servers.append(second)
     frames = batch(second, refs)
-    for i, ((d, st, data), r, c) in enumerate(zip(frames, refs, chunks)):
+    for i, ((d, st, data), r, c) in enumerate(zip(frames, refs, stored)):
         assert d == r.digest
         assert (st, data) == ((ST_NOT_FOUND, b"") if i == 3 else (ST_OK, c))
     m = second.metrics()
@@ -253,11 +261,11 @@ def test_restart_keeps_its_hits_and_never_serves_a_rotten_file(
 
 def test_eviction_keeps_the_disk_cache_under_max_size(tmp_path: Path,
                                                       cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 40, 100_000)
+    store, stored, refs = local_pack(tmp_path, 40, 100_000)
     srv = start_cache_server(tmp_path, store.root, max_size="1M")
     cache_servers.append(srv)
     for i in range(0, 40, 4):
-        assert [b for _, _, b in batch(srv, refs[i:i + 4])] == chunks[i:i + 4]
+        assert [b for _, _, b in batch(srv, refs[i:i + 4])] == stored[i:i + 4]
         # Fills are written behind the response, and a fill installs then evicts in one
         # transaction: the bound holds once each fill has landed.
         wait_for(lambda: srv.metric("misses_total") == srv.metric("cache_entries") + srv.metric("evictions_total"))
@@ -266,13 +274,13 @@ def test_eviction_keeps_the_disk_cache_under_max_size(tmp_path: Path,
     assert m["imagefs_cache_server_evictions_total"] >= 30
     assert m["imagefs_cache_server_cache_bytes"] <= 1 << 20
     # Evicted chunks are read through again, not lost.
-    assert [b for _, _, b in batch(srv, refs[:4])] == chunks[:4]
+    assert [b for _, _, b in batch(srv, refs[:4])] == stored[:4]
     wait_for(lambda: srv.metric("misses_total") == srv.metric("cache_entries") + srv.metric("evictions_total"))
     assert cache_file_bytes(srv.directory) <= 1 << 20
 
 
 def test_shared_secret(tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 2, 1000)
+    store, stored, refs = local_pack(tmp_path, 2, 1000)
     srv = start_cache_server(tmp_path, store.root, secret="correct horse")
     cache_servers.append(srv)
     body = encode_refs(refs)
@@ -285,12 +293,12 @@ def test_shared_secret(tmp_path: Path, cache_servers: list[CacheServerProcess]) 
     assert srv.request("GET", "/health", auth=False)[0] == 200  # a load balancer needs no secret
     assert srv.request("GET", "/health", headers=wrong)[0] == 401  # but a wrong one is refused
     status, data, _ = srv.request("POST", BATCH_PATH, body=body)
-    assert status == 200 and [bytes(b) for _, _, b in iter_frames(data)] == chunks
+    assert status == 200 and [bytes(b) for _, _, b in iter_frames(data)] == stored
     assert srv.metric("unauthorized_total") == 6
 
 
 def test_metrics_are_prometheus_text(tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 4, 5000)
+    store, stored, refs = local_pack(tmp_path, 4, 5000)
     srv = start_cache_server(tmp_path, store.root)
     cache_servers.append(srv)
     for _ in range(3):
@@ -303,7 +311,7 @@ def test_metrics_are_prometheus_text(tmp_path: Path, cache_servers: list[CacheSe
                  "blob_errors_total", "corrupt_total", "open_connections"):
         assert p + name in m
     assert m[p + "hits_total"] == 8 and m[p + "misses_total"] == 4
-    assert m[p + "served_bytes_total"] == 3 * sum(map(len, chunks))
+    assert m[p + "served_bytes_total"] == 3 * sum(map(len, stored))
     buckets = sorted(((float(k.split('"')[1]), v) for k, v in m.items()
                       if k.startswith(p + "request_duration_seconds_bucket") and "+Inf" not in k))
     counts = [v for _, v in buckets]
@@ -314,7 +322,7 @@ def test_metrics_are_prometheus_text(tmp_path: Path, cache_servers: list[CacheSe
 
 
 def test_holds_hundreds_of_connections(tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 1, 20_000)
+    store, stored, refs = local_pack(tmp_path, 1, 20_000)
     srv = start_cache_server(tmp_path, store.root)
     cache_servers.append(srv)
     batch(srv, refs)  # warm
@@ -327,7 +335,7 @@ def test_holds_hundreds_of_connections(tmp_path: Path, cache_servers: list[Cache
             s.settimeout(20)
             resp = http.client.HTTPResponse(s)
             resp.begin()
-            assert resp.status == 200 and resp.read() == chunks[0]
+            assert resp.status == 200 and resp.read() == stored[0]
         assert srv.metric("open_connections") >= 300
     finally:
         for s in socks:
@@ -336,7 +344,7 @@ def test_holds_hundreds_of_connections(tmp_path: Path, cache_servers: list[Cache
 
 def test_command_line_errors_and_secret_from_the_environment(tmp_path: Path,
                                                              cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 1, 1000)
+    store, stored, refs = local_pack(tmp_path, 1, 1000)
     # (Through main(), as the installed ``imagefs`` script runs it: under ``python -m
     # imagefs.cli`` the CLI module is imported twice and its CLIError is not caught.)
     entry = "import sys; from imagefs.cli import main; sys.exit(main())"
@@ -348,7 +356,13 @@ def test_command_line_errors_and_secret_from_the_environment(tmp_path: Path,
                             "--secret-file")):
         res = subprocess.run(base + extra, capture_output=True, text=True, timeout=30, env=env)
         assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    host_cache = tmp_path / "host-cache"
+    SSDTier(str(host_cache), 1 << 20).close()  # a host's SSD tier: uncompressed chunks
+    res = subprocess.run([sys.executable, "-c", entry, "cache-server", "--store", store.root, "--dir", str(host_cache),
+                          "--listen", "127.0.0.1:0", "--max-size", "1G"], capture_output=True, text=True, timeout=30,
+                         env=env)
+    assert res.returncode == 1 and "holds uncompressed chunks (a host's SSD tier)" in res.stderr, res.stderr
     srv = start_cache_server(tmp_path, store.root, env={"IMAGEFS_CACHE_SECRET": "from-env"})
     cache_servers.append(srv)
     assert srv.request("GET", chunk_query(refs[0]))[0] == 401
-    assert srv.request("GET", chunk_query(refs[0]), headers={"Authorization": "Bearer from-env"})[:2] == (200, chunks[0])
+    assert srv.request("GET", chunk_query(refs[0]), headers={"Authorization": "Bearer from-env"})[:2] == (200, stored[0])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.chunk import ChunkRef, digest_of
-from cache.ssd import SSDTier
+from cache.chunk import ChunkRef, compress, digest_of
+from cache.ssd import FormMismatch, SSDTier
 from tests.support.chunks import random_chunks
 
 KIB = 1024
@@ -307,3 +307,51 @@ def test_one_directory_opened_twice_in_a_process_shares_the_environment(tmp_path
 def test_rejects_negative_bound(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         SSDTier(str(tmp_path), -1)
+
+
+def test_frame_form_keeps_and_checks_zstd_frames(tmp_path: Path) -> None:
+    """The AZ cache server's form: files are the chunks' zstd frames, checked by
+    decompressing them against the digest, whatever size a request claims."""
+    data = random_chunks(1, 100 * KIB, seed=21)[0]
+    frame = compress(data)
+    r = ChunkRef(digest_of(data), "packs/x", 0, len(frame), len(data))
+    with SSDTier(str(tmp_path), 10 << 20, frames=True) as ssd:
+        ssd.put(r, frame)
+        assert (tmp_path / "chunks" / r.hex[:2] / r.hex).read_bytes() == frame
+        assert ssd.get(r) == frame
+        assert ssd.usage() == (len(frame), 1), "bounded by the bytes on disk"
+        # A request naming a wrong size neither gets the chunk dropped nor changes it.
+        liar = ChunkRef(r.digest, r.pack, r.offset, r.clen, r.ulen + 1)
+        assert ssd.get(liar) == frame and ssd.stats().corrupt == 0
+        # A frame of other bytes under this digest is found out and dropped.
+        other = random_chunks(1, 100 * KIB, seed=22)[0]
+        wrong = ChunkRef(digest_of(b"not it"), "packs/x", 0, len(frame), len(other))
+        ssd.put(wrong, compress(other))
+        assert ssd.get(wrong) is None and ssd.stats().corrupt == 1
+        assert not (tmp_path / "chunks" / wrong.hex[:2] / wrong.hex).exists()
+        # So is a file that is not a frame at all (an uncompressed chunk).
+        raw = ChunkRef(digest_of(other), "packs/x", 0, len(other), len(other))
+        ssd.put(raw, other)
+        assert ssd.get(raw) is None and ssd.stats().corrupt == 2
+
+
+def test_a_directory_keeps_the_form_it_was_made_with(tmp_path: Path) -> None:
+    data = random_chunks(1, 8 * KIB, seed=23)[0]
+    host, server, legacy = tmp_path / "host", tmp_path / "server", tmp_path / "legacy"
+    SSDTier(str(host), 1 << 20).close()
+    SSDTier(str(server), 1 << 20, frames=True).close()
+    with pytest.raises(FormMismatch, match="holds uncompressed chunks .* not zstd chunk frames"):
+        SSDTier(str(host), 1 << 20, frames=True)
+    with pytest.raises(FormMismatch, match="holds zstd chunk frames .* not uncompressed chunks"):
+        SSDTier(str(server), 1 << 20)
+    SSDTier(str(host), 1 << 20).close()  # the same form opens again
+    SSDTier(str(server), 1 << 20, frames=True).close()
+    # A cache written before the form was recorded holds uncompressed chunks.
+    with SSDTier(str(legacy), 1 << 20) as ssd:
+        ssd.put(ref_for(data), data)
+        with ssd._e.env.begin(write=True, db=ssd._e.meta) as txn:
+            txn.delete(b"form")
+    with pytest.raises(FormMismatch):
+        SSDTier(str(legacy), 1 << 20, frames=True)
+    with SSDTier(str(legacy), 1 << 20) as ssd:
+        assert ssd.get(ref_for(data)) == data
