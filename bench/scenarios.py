@@ -254,8 +254,12 @@ def run_container(ctx: Context, lower: Path, image_cfg: dict[str, Any], argv: Se
                   timeout: float, abort: Callable[[], None] | None = None) -> ContainerOutcome:
     """overlay over ``lower`` + runc config from ``image_cfg`` + ``runc run``; times from ``t0``.
 
-    On timeout, ``abort`` (if given) is called first: it kills the FUSE daemon under
-    ``lower``, so that processes blocked in its reads fail at once and can be killed.
+    ``timeout`` counts from ``t0`` (the whole run, as ``--run-timeout`` and
+    ``--peer-timeout`` say), not from this call: the pull, the mount, and the overlay
+    and config steps before ``runc run`` (which read the image's /etc/passwd through
+    the lower mount, seconds on a slow lazy peer) are inside it. On timeout,
+    ``abort`` (if given) is called first: it kills the FUSE daemon under ``lower``, so
+    that processes blocked in its reads fail at once and can be killed.
     """
     from imagefs.run import overlay
     from imagefs.runtime_config import RunSpec, runtime_config
@@ -276,7 +280,7 @@ def run_container(ctx: Context, lower: Path, image_cfg: dict[str, Any], argv: Se
                                          "--pid-file", str(pid_file), cid],
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
                 start_s: float | None = None
-                deadline = time.monotonic() + timeout
+                deadline = t0 + timeout
                 try:
                     while proc.poll() is None:
                         now = time.monotonic()
@@ -285,7 +289,8 @@ def run_container(ctx: Context, lower: Path, image_cfg: dict[str, Any], argv: Se
                         if now > deadline:
                             if abort is not None:
                                 abort()
-                            raise ScenarioTimeout(f"container did not exit within {timeout:.0f}s", now - t0)
+                            raise ScenarioTimeout(f"container did not exit within {timeout:.0f}s of the run's start",
+                                                  now - t0)
                         time.sleep(0.001 if start_s is None else 0.005)
                 finally:
                     if proc.poll() is None:
@@ -553,8 +558,32 @@ def _stop_fuse_daemon(mp: Path, proc: subprocess.Popen[bytes]) -> None:
     force_unmount(mp)
 
 
+def link_note(links: dict[str, dict[str, int]], elapsed_s: float) -> str:
+    """What crossed each link before a run was stopped, and the run time per request.
+
+    On one connection (HTTP/1.1, no pipelining) requests take turns, so the run's time
+    divided by its requests is what each one cost, link latency included.
+    """
+    parts = []
+    for name, s in links.items():
+        n = int(s.get("requests", 0))
+        if n <= 0:
+            parts.append(f"{name} link: no requests")
+            continue
+        parts.append(f"{name} link: {n} requests on {int(s.get('connections', 0))} connection(s), "
+                     f"{s.get('bytes_down', 0) / (1 << 20):.1f} MiB down, "
+                     f"{elapsed_s * 1000 / n:.0f} ms of the run per request")
+    return "; ".join(parts)
+
+
 def _peer_run(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, rep: int, argv: list[str],
-              links: Sequence[str], timeout: float) -> RunResult:
+              links: Sequence[str], timeout: float, timeout_hint: str = "") -> RunResult:
+    """One peer run: ``argv MOUNTPOINT`` (a FUSE daemon in the foreground), then the container.
+
+    A run stopped by ``timeout`` says in its error what crossed ``links`` until then
+    (:func:`link_note`) and ``timeout_hint``: a timeout is a measurement ("> N s"),
+    and the request count says where the time went.
+    """
     res = RunResult(scenario, img.name, wl.name, rep)
     with _mountpoint(ctx, f"{scenario}-{img.name}") as mp:
         log = ctx.rundir / "logs" / f"{scenario}.log"
@@ -574,13 +603,19 @@ def _peer_run(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, rep: 
             c = run_container(ctx, mp, img.config, wl.argv, t0, timeout,
                               abort=lambda: _killpg(daemon))
             _finish(res, t0, t_ready, c)
+        except ScenarioTimeout as e:
+            res.fail(e)
+            with contextlib.suppress(Exception):
+                res.links = ctx.link_stats(links)
+            note = link_note(res.links, e.after) if links else ""
+            res.error = "; ".join(filter(None, [str(e), note, timeout_hint]))[-2000:]
         except ScenarioError as e:
             res.fail(e)
         finally:
             if proc is not None:
                 _stop_fuse_daemon(mp, proc)
             with contextlib.suppress(Exception):
-                res.links = ctx.link_stats(links)
+                res.links = res.links or ctx.link_stats(links)
     return res
 
 
@@ -592,6 +627,11 @@ def run_squashfuse(ctx: Context, img: ImageAssets, wl: Workload, rep: int) -> Ru
 def run_casync(ctx: Context, img: ImageAssets, wl: Workload, rep: int) -> RunResult:
     base = ctx.casync_url
     argv = ["casync", "mount", f"--store={base}/default.castr", f"{base}/{img.caidx_name}"]
-    return _peer_run(ctx, "casync", img, wl, rep, argv, ["casync"], ctx.peer_timeout_s)
+    return _peer_run(ctx, "casync", img, wl, rep, argv, ["casync"], ctx.peer_timeout_s, CASYNC_TIMEOUT_HINT)
+
+
+CASYNC_TIMEOUT_HINT = ("casync-http fetches one chunk (~64 KiB before compression) per GET, one GET at a "
+                       "time, each paying the link's time to first byte; bench/README.md has runs allowed "
+                       "to finish")
 
 

@@ -326,3 +326,110 @@ def test_workloads_apply_to_their_images() -> None:
     by_name = {w.name: w for w in scenarios.WORKLOADS}
     assert by_name["import torch"].applies_to("torch") and not by_name["import torch"].applies_to("numpy")
     assert by_name["true"].applies_to("numpy") and by_name["import numpy"].applies_to("torch")
+
+
+# --------------------------------------------------------------------------- timeouts and peers
+
+_FAKE_RUNC = """#!/bin/sh
+# runc --root ROOT run --bundle B --pid-file P ID | kill ID SIG | delete --force ID
+root=$2
+case "$3" in
+run) echo $$ > "$7"; exec sleep 30 ;;
+kill) kill -9 "$(cat "$(dirname "$root")/bundles/$4/pid")" 2>/dev/null; exit 0 ;;
+*) exit 0 ;;
+esac
+"""
+
+
+def test_run_timeout_counts_from_the_runs_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that already spent 5 s (pull, mount, a slow /etc/passwd) before ``runc run``
+    has 0.5 s left of a 5.5 s timeout, not another 5.5 s."""
+    import contextlib
+
+    import imagefs.run
+    import imagefs.runtime_config
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "runc").write_text(_FAKE_RUNC)
+    (bindir / "runc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+
+    @contextlib.contextmanager
+    def no_overlay(lower: str, workdir: str) -> Iterator[str]:
+        yield lower
+
+    monkeypatch.setattr(imagefs.run, "overlay", no_overlay)
+    monkeypatch.setattr(imagefs.runtime_config, "runtime_config", lambda *a, **kw: {})
+    ctx: Any = type("Ctx", (), {"rundir": tmp_path / "run", "runc_base": {}})()
+    aborted = []
+    t0 = time.monotonic() - 5.0
+    called = time.monotonic()
+    with pytest.raises(scenarios.ScenarioTimeout) as exc:
+        scenarios.run_container(ctx, tmp_path, {}, ["/bin/true"], t0, 5.5, abort=lambda: aborted.append(1))
+    assert time.monotonic() - called < 3.0
+    assert 5.5 <= exc.value.after < 8.0
+    assert aborted == [1]
+
+
+def test_link_note_says_requests_and_time_per_request() -> None:
+    links = {"casync": {"connections": 1, "requests": 215, "bytes_up": 30667, "bytes_down": 4842939}}
+    note = scenarios.link_note(links, 43.0)
+    assert "215 requests on 1 connection(s)" in note
+    assert "4.6 MiB down" in note and "200 ms of the run per request" in note
+    assert scenarios.link_note({"casync": {"requests": 0}}, 10.0) == "casync link: no requests"
+
+
+def test_a_timed_out_peer_run_reports_what_crossed_its_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def timeout(*a: Any, **kw: Any) -> Any:
+        raise scenarios.ScenarioTimeout("container did not exit within 30s of the run's start", 31.0)
+
+    monkeypatch.setattr(scenarios, "drop_caches", lambda: None)
+    monkeypatch.setattr(scenarios, "_wait_mounted", lambda *a: None)
+    monkeypatch.setattr(scenarios, "_stop_fuse_daemon", lambda mp, proc: proc.wait())
+    monkeypatch.setattr(scenarios, "run_container", timeout)
+    ctx: Any = type("Ctx", (), {
+        "rundir": tmp_path, "reset_links": lambda self: None,
+        "link_stats": lambda self, names: {n: {"connections": 1, "requests": 155, "bytes_up": 1,
+                                               "bytes_down": 3 << 20} for n in names}})()
+    img = scenarios.ImageAssets("numpy", "bench/numpy", "bench/numpy:latest", {}, tmp_path / "x.sqfs", "numpy.caidx")
+    r = scenarios._peer_run(ctx, "casync", img, scenarios.WORKLOADS[0], 0, ["true"], ["casync"], 30.0,
+                            scenarios.CASYNC_TIMEOUT_HINT)
+    assert not r.ok and r.timed_out_s == 31.0
+    assert r.error is not None and r.error.startswith("container did not exit within 30s")
+    assert "155 requests on 1 connection(s)" in r.error and "200 ms of the run per request" in r.error
+    assert "one GET at a time" in r.error
+    assert r.links["casync"]["requests"] == 155
+
+
+def test_static_http_answers_keep_alive_gets_without_nagle_stalls(tmp_path: Path) -> None:
+    """casync-http GETs one chunk after another on one connection; with Nagle on the
+    server each answer's body waited ~40 ms for the client's delayed ACK of its headers."""
+    import http.client
+    import http.server
+    import os
+
+    from bench import services
+
+    body = os.urandom(70_000)
+    (tmp_path / "chunk").write_bytes(body)
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a, **kw: services._StaticHandler(*a, directory=str(tmp_path), **kw))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=5)
+        times = []
+        for _ in range(30):
+            t = time.monotonic()
+            conn.request("GET", "/chunk")
+            resp = conn.getresponse()
+            assert resp.read() == body
+            times.append(time.monotonic() - t)
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    times.sort()
+    assert times[len(times) // 2] < 0.02, f"median GET {times[len(times) // 2] * 1000:.0f} ms"
+    assert sum(times) < 0.25, f"30 GETs took {sum(times):.2f}s"
