@@ -630,8 +630,7 @@ def run_casync(ctx: Context, img: ImageAssets, wl: Workload, rep: int) -> RunRes
     return _peer_run(ctx, "casync", img, wl, rep, argv, ["casync"], ctx.peer_timeout_s, CASYNC_TIMEOUT_HINT)
 
 
-CASYNC_TIMEOUT_HINT = ("casync-http fetches one chunk (~64 KiB before compression) per GET, one GET at a "
-                       "time, each paying the link's time to first byte; bench/README.md has runs allowed "
-                       "to finish")
+# short: the report keeps 300 characters of an error
+CASYNC_TIMEOUT_HINT = "casync-http GETs one ~64 KiB chunk at a time; runs allowed to finish: bench/README.md"
 
 

@@ -398,7 +398,8 @@ def test_a_timed_out_peer_run_reports_what_crossed_its_link(tmp_path: Path, monk
     assert not r.ok and r.timed_out_s == 31.0
     assert r.error is not None and r.error.startswith("container did not exit within 30s")
     assert "155 requests on 1 connection(s)" in r.error and "200 ms of the run per request" in r.error
-    assert "one GET at a time" in r.error
+    assert "one ~64 KiB chunk at a time" in r.error
+    assert len(r.error) <= 300, "the report keeps 300 characters of an error"
     assert r.links["casync"]["requests"] == 155
 
 
