@@ -143,4 +143,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         rest = {k: v for k, v in cache.items() if k != "tiers" and v}
         if rest:
             lines.append("chain: " + ", ".join(f"{k} {v}" for k, v in rest.items()))
+    pf = stats.get("prefetch")
+    if pf:
+        counts = f": {pf.get('fetched', 0)} of {pf.get('planned', 0)} planned chunks fetched" if pf.get("planned") else ""
+        lines.append(f"prefetch: {pf['state']}{counts}")
     return "\n".join(lines)

@@ -164,6 +164,7 @@ class _Daemon:
                  ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0) -> None:
         self.index = index
         self.prefetch_budget = prefetch_budget
+        self.prefetch_progress: Any = None  # an imagefs.prefetch.Progress while prefetch is on
         self.ready: Any = None  # a trio.Event, made inside the loop
         self.image = image
         self.digest = digest
@@ -203,12 +204,14 @@ class _Daemon:
                 log.warning("gave up writing the SSD cache after 30 s")
 
     async def _prefetch(self) -> None:
-        from imagefs.prefetch import prefetch_image
+        from imagefs.prefetch import Progress, prefetch_image
 
+        progress = self.prefetch_progress = Progress()
         await self.ready.wait()  # the mount answers first; prefetch never delays that
         try:
-            await prefetch_image(self.index, self.reader, self.prefetch_budget)
+            await prefetch_image(self.index, self.reader, self.prefetch_budget, progress)
         except Exception:  # prefetch is an optimisation: it must never take the mount down
+            progress.state = "failed"
             log.exception("prefetch failed")
 
     async def _become_ready(self) -> None:
@@ -289,6 +292,7 @@ class _Daemon:
         stats = getattr(self.reader, "stats", None)
         if stats is not None:
             out["cache"] = stats().as_dict()
+        out["prefetch"] = self.prefetch_progress.as_dict() if self.prefetch_progress is not None else {"state": "off"}
         return out
 
     def _write_record(self) -> None:

@@ -32,15 +32,37 @@ def plan(index: Index, budget: int) -> list[ChunkRef]:
     return refs
 
 
-async def prefetch_image(index: Index, chain: ChunkChain, budget: int) -> int:
+class Progress:
+    """Where a mount's prefetch stands, for ``imagefs stats``: ``state`` is ``pending``
+    (waiting for the mount to answer), ``running``, ``done`` or ``failed``; ``planned``
+    chunks in the plan, ``fetched`` of them brought in by the prefetch (chunks already
+    held locally, or brought by demand reads, are not counted)."""
+
+    __slots__ = ("state", "planned", "fetched")
+
+    def __init__(self) -> None:
+        self.state = "pending"
+        self.planned = 0
+        self.fetched = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"state": self.state, "planned": self.planned, "fetched": self.fetched}
+
+
+async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress: Progress | None = None) -> int:
     """Prefetch ``index``'s chunks into the local tiers; returns how many were fetched."""
     import trio
 
+    progress = progress or Progress()
+    progress.state = "running"
     refs = await trio.to_thread.run_sync(plan, index, budget)  # ~50 ms for 30k chunks: off the loop
+    progress.planned = len(refs)
     if not refs:
+        progress.state = "done"
         return 0
     start = time.monotonic()
-    fetched = await chain.prefetch(refs)
+    fetched = progress.fetched = await chain.prefetch(refs)
+    progress.state = "done"
     log.info("prefetched %d of %d chunks (%.1f MiB compressed planned) in %.1f s", fetched, len(refs),
              sum(r.clen for r in refs) / (1 << 20), time.monotonic() - start)
     return fetched

@@ -339,7 +339,9 @@ def test_reading_a_directory_file_by_file_costs_a_few_blob_reads(env: str, store
         for i, data in enumerate(PAR):
             with open(_p(m, f"par/f{i:02d}"), "rb") as f:
                 assert f.read() == data
-        blob = query_stats(m.path)["cache"]["tiers"]["blob"]
+        stats = query_stats(m.path)
+        blob = stats["cache"]["tiers"]["blob"]
+        assert stats["prefetch"] == {"state": "off"}
     index = open_image(LocalStore(store), "main")
     packs = {ref.pack for i in range(len(PAR))
              for _o, ref in index.chunks_for_range(index.resolve(f"par/f{i:02d}"), 0, len(PAR[i]))}
@@ -356,10 +358,13 @@ def test_prefetch_brings_the_image_to_the_ssd_tier_in_the_background(env: str, s
     index = small.write(LocalStore(store), "prefetch-me")
     with mounted("prefetch-me", os.path.join(env, "mnt-pre"), opts) as m:
         deadline = time.monotonic() + 30
-        while query_stats(m.path)["cache"]["prefetched"] < index.n_chunks:
-            assert time.monotonic() < deadline, query_stats(m.path)["cache"]
+        while query_stats(m.path)["prefetch"]["state"] != "done":
+            assert time.monotonic() < deadline, query_stats(m.path)
             time.sleep(0.05)
-        before = query_stats(m.path)["cache"]["tiers"]["blob"]["requests"]
+        stats = query_stats(m.path)
+        assert stats["prefetch"] == {"state": "done", "planned": index.n_chunks, "fetched": index.n_chunks}
+        assert stats["cache"]["prefetched"] == index.n_chunks
+        before = stats["cache"]["tiers"]["blob"]["requests"]
         for i, data in enumerate(PAR):  # nothing was read yet; now everything is local
             with open(_p(m, f"par/f{i:02d}"), "rb") as f:
                 assert f.read() == data
@@ -534,6 +539,7 @@ def test_imagefs_mount_returns_once_the_mount_answers_then_stats_and_umount(env:
         pid = stats["pid"]
         res = _imagefs("stats", mp)
         assert res.returncode == 0 and "memory" in res.stdout and "lookup" in res.stdout
+        assert "\nprefetch: " in res.stdout
 
         res = _imagefs("mount", "main", mp, "--store", store)
         assert res.returncode == 1 and res.stderr.startswith("imagefs: ") and "already mounted" in res.stderr
