@@ -29,7 +29,8 @@ Schema ``imagefs-bench/coldstart``, version 1::
     summary[] one per (image, workload, scenario), from :func:`summarize`:
       image, workload, scenario, n, ok, errors[], timed_out_s (shortest timeout, or null),
       total_s, ready_s, start_s {median, p90}, phases_s {phase: median},
-      link_bytes, link_requests, workload_rchar (medians over ok runs)
+      link_bytes, link_requests, workload_rchar (medians over ok runs),
+      tiers {tier: {requests, hits, bytes}} (medians over ok runs that have them)
 
 Quantiles: the median, and p90 by linear interpolation between closest ranks (the
 "inclusive" method; numpy's default); one sample is its own median and p90.
@@ -47,6 +48,7 @@ from typing import Any
 SCHEMA = "imagefs-bench/coldstart"
 VERSION = 1
 PHASES = ("resolve", "pull", "unpack", "mount", "start", "run")
+TIER_ORDER = ("memory", "ssd", "az", "blob")
 SECTION = "## Cold start"
 PHASE_COLORS = {"resolve": "#8c564b", "pull": "#d62728", "unpack": "#ff7f0e", "mount": "#9467bd",
                 "start": "#7f7f7f", "run": "#1f77b4"}
@@ -212,8 +214,24 @@ def summarize(runs: Iterable[dict[str, Any]], scenario_order: Sequence[str] = ()
             entry["link_requests"] = median([t[1] for t in totals])
             rchar = [r["workload_io"]["rchar"] for r in ok if "rchar" in (r.get("workload_io") or {})]
             entry["workload_rchar"] = median(rchar) if rchar else None
+            entry["tiers"] = _tier_medians(ok)
         out.append(entry)
     return out
+
+
+def _tier_order(names: Iterable[str]) -> list[str]:
+    """Tier names fastest first (the chain's order), unknown ones after, by name."""
+    rank = {n: i for i, n in enumerate(TIER_ORDER)}
+    return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def _tier_medians(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{tier: {requests, hits, bytes}}: medians over the runs that report tiers,
+    fastest tier first."""
+    with_tiers = [r["tiers"] for r in runs if r.get("tiers")]
+    names = _tier_order(n for tiers in with_tiers for n in tiers)
+    return {n: {k: median([float(t.get(n, {}).get(k, 0)) for t in with_tiers]) for k in ("requests", "hits", "bytes")}
+            for n in names}
 
 
 # --------------------------------------------------------------------------- markdown
@@ -263,12 +281,33 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tier_table(summary: Sequence[dict[str, Any]]) -> str:
+    """Where imagefs found the chunks, per scenario: requests / hits / MiB of each tier
+    (``imagefs stats`` of the mount, medians). Empty when no run reported tiers."""
+    rows = [e for e in summary if e.get("tiers")]
+    names = _tier_order(n for e in rows for n in e["tiers"])
+    if not rows:
+        return ""
+    cols = ("image", "workload", "scenario", *names)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
+    for e in rows:
+        cells = []
+        for n in names:
+            t = e["tiers"].get(n)
+            cells.append("–" if not t or not t["requests"] else
+                         f"{t['requests']:.0f} / {t['hits']:.0f} / {_mib(t['bytes'])}")
+        lines.append("| " + " | ".join((e["image"], e["workload"], e["scenario"], *cells)) + " |")
+    return "\n".join(lines)
+
+
 def settings_line(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     return (f"blob store and registry: {s['blob_latency_ms']:g} ms to first byte; AZ cache: "
             f"{s['az_latency_ms']:g} ms to first byte; one-way link delay {s.get('one_way_ms', 0):g} ms; "
             f"every link {s['bandwidth_mbit']:g} Mbit/s each way (htb on both veth ends); "
-            f"up to {s['repeat']} repeat(s) (ok/n: how many ran); page cache dropped before every cold run")
+            f"up to {s['repeat']} repeat(s) (ok/n: how many ran); page cache dropped before every cold run"
+            + ("" if "agent" not in s else "; imagefs mounts forked from a running `imagefs agent`" if s["agent"]
+               else "; every imagefs mount spawns a fresh daemon (no agent)"))
 
 
 def machine_line(doc: dict[str, Any]) -> str:
@@ -291,6 +330,11 @@ def markdown_report(doc: dict[str, Any], chart_name: str | None = None) -> str:
              f"Machine: {machine_line(doc)}; imagefs at commit {doc['machine'].get('commit', '?')}  ",
              f"Settings: {settings_line(doc)}", "",
              markdown_table(doc["summary"])]
+    tiers = tier_table(doc["summary"])
+    if tiers:
+        parts += ["", "Per tier (`imagefs stats` of the mount, medians): requests / chunks served / MiB. A blob "
+                  "store or AZ cache request is one round trip that may bring many chunks; their MiB are "
+                  "compressed bytes, the memory and SSD tiers' uncompressed.", "", tiers]
     errs = errors_block(doc["summary"])
     if errs:
         parts += ["", "Failures:", errs]
