@@ -315,7 +315,10 @@ def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence
             wl = [w for w in workloads if w.applies_to(name)][-1]
             warm = scenarios.run_imagefs_az(ctx, assets[name], wl, -1, warmup=True)
             warmups.append(warm)
-            log(f"{name}: AZ cache warm-up with {wl.name}: {_describe(warm)}")
+            pf = warm.prefetch
+            filled = (f"; then prefetch {pf.get('state')}: {pf.get('fetched', 0)} of {pf.get('planned', 0)} chunks "
+                      f"through the AZ cache, waited {pf.get('wait_s', 0):.1f}s") if pf else ""
+            log(f"{name}: AZ cache warm-up with {wl.name}: {_describe(warm)}{filled}")
 
     for rep in range(repeat):
         for name, wl in combos:
@@ -380,6 +383,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--slow", type=float, default=60.0,
                    help="a run longer than this many seconds is not repeated (default 60)")
     p.add_argument("--az-cache-size", default="20G", help="the AZ cache server's --max-size (default 20G)")
+    p.add_argument("--no-agent", dest="agent", action="store_false",
+                   help="spawn a fresh mount daemon for every imagefs mount instead of forking it from a "
+                        "running `imagefs agent` (the default, as on a host that runs the agent like any "
+                        "snapshotter daemon)")
     p.add_argument("--code", choices=("head", "worktree"), default="head",
                    help="imagefs code to measure: an export of the committed HEAD (default: edits made to "
                    "the checkout during the run cannot leak in) or the working tree as it is")
@@ -449,9 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.callback(cleanup_rundir, rundir)
             code_dir, code_name = prepare_code(rundir, args.code)
             # daemons' sockets and logs in our run dir: ours to clean, and no host agent
-            # (which would serve mounts with its own code) is asked
+            # (which would serve mounts with its own code) is asked; our own agent, running
+            # the code under test, is (unless --no-agent)
             os.environ["IMAGEFS_RUN_DIR"] = str(rundir / "imagefs")
             log(f"imagefs code: {code_name} ({code_dir})")
+            if args.agent:
+                agent = services.start_agent(rundir / "imagefs", rundir / "logs" / "agent.log")
+                stack.callback(agent.stop)
             log(f"images: {', '.join(args.images)} (bench/images.py, cached in {base})")
             built = bench_images.ensure_images(str(base), tuple(args.images))
             assets = {name: prepare_local(work, img) for name, img in built.items()}
@@ -524,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workloads": {w.name: list(w.argv) for w in workloads}, "scenarios": wanted, "skipped": skipped,
                 "run_timeout_s": args.run_timeout, "peer_timeout_s": args.peer_timeout, "budget_s": args.budget,
                 "slow_s": args.slow, "code": args.code,
-                "az_cache_size": args.az_cache_size,
+                "az_cache_size": args.az_cache_size, "agent": args.agent,
                 "links": {"blob": f"host {blob_link.a.addr} <-> {blob_link.b.addr} (SeaweedFS S3, registry, casync store)",
                           "az": f"host {az_link.a.addr} <-> {az_link.b.addr} (imagefs cache-server)",
                           "az-blob": f"{az_blob.a.addr} <-> {az_blob.b.addr} (cache server to blob store)"},

@@ -58,6 +58,9 @@ _IO_WRAPPER = ('"$@"; rc=$?; while read -r k v; do echo "' + IO_TAG + ' $k $v" >
 
 SCENARIOS = ("baseline", "imagefs-cold", "imagefs-az", "imagefs-ssd", "imagefs-page", "squashfuse", "casync")
 PHASES = ("resolve", "pull", "unpack", "mount", "start", "run")
+# How long an AZ warm-up waits for its mount to prefetch the whole image through the
+# cache server (the torch image takes ~10-20 s at 1 Gbit/s).
+WARMUP_PREFETCH_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class RunResult:
     workload_io: dict[str, int] = field(default_factory=dict)
     fuse: dict[str, int] = field(default_factory=dict)
     timed_out_s: float | None = None  # the run was stopped after this many seconds
+    prefetch: dict[str, Any] = field(default_factory=dict)  # imagefs: the mount's prefetch at the end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -416,6 +420,18 @@ def imagefs_stats(mp: Path) -> dict[str, Any]:
     return json.loads(_check([tool("imagefs"), "stats", "--json", str(mp)], "imagefs stats", 30))
 
 
+def wait_for_prefetch(mp: Path, timeout: float, poll: float = 0.25) -> dict[str, Any]:
+    """Wait until the mount's prefetch has ended (or ``timeout``); its last state, with
+    ``wait_s``. Mounts from before prefetch was reported say ``unknown`` at once."""
+    t0 = time.monotonic()
+    while True:
+        pf = dict(imagefs_stats(mp).get("prefetch") or {"state": "unknown"})
+        if pf["state"] not in ("pending", "running") or time.monotonic() - t0 >= timeout:
+            pf["wait_s"] = round(time.monotonic() - t0, 2)
+            return pf
+        time.sleep(poll)
+
+
 def imagefs_kill(mp: Path) -> None:
     """SIGKILL the daemon serving ``mp`` (a timed-out run; the mount is cleaned up after)."""
     with contextlib.suppress(ScenarioError, ValueError, KeyError, ProcessLookupError):
@@ -457,9 +473,11 @@ def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, r
         c = run_container(ctx, mp, image_cfg, wl.argv, t0, ctx.run_timeout_s, abort=lambda: imagefs_kill(mp))
         _finish(res, t0, t_ready, c)
         res.links = ctx.link_stats(["blob", "az"] if az else ["blob"])
-        stats = stats_diff(imagefs_stats(mp), before)
+        after = imagefs_stats(mp)
+        stats = stats_diff(after, before)
         res.tiers = tiers_from_stats(stats)
         res.fuse = fuse_from_stats(stats)
+        res.prefetch = dict(after.get("prefetch") or {})
     except ScenarioError as e:
         res.fail(e)
     except Exception as e:  # the store client raising: keep the matrix going, say what
@@ -508,14 +526,22 @@ def run_imagefs_chain(ctx: Context, img: ImageAssets, wl: Workload, rep: int, wa
 
 
 def run_imagefs_az(ctx: Context, img: ImageAssets, wl: Workload, rep: int, *, warmup: bool = False) -> RunResult:
-    """A mount with a fresh SSD dir and the AZ cache server; ``warmup`` marks the unmeasured fill."""
+    """A mount with a fresh SSD dir and the AZ cache server.
+
+    ``warmup``: the unmeasured run that fills the AZ cache server, as other hosts of
+    the zone would have: after the workload it waits for the mount's prefetch to bring
+    the whole image through the server (``prefetch.wait_s`` says how long), so the
+    measured runs find it all there."""
     cache_dir = ctx.rundir / "ssd" / f"az-{secrets.token_hex(4)}"
     cache_dir.mkdir(parents=True)
     try:
         with _mountpoint(ctx, f"imagefs-az-{img.name}") as mp:
             try:
-                return _imagefs_once(ctx, "imagefs-az-warmup" if warmup else "imagefs-az", img, wl, rep, mp,
-                                     cache_dir, az=True, drop=not warmup, reuse_mount=False)
+                res = _imagefs_once(ctx, "imagefs-az-warmup" if warmup else "imagefs-az", img, wl, rep, mp,
+                                    cache_dir, az=True, drop=not warmup, reuse_mount=False)
+                if warmup and res.ok:
+                    res.prefetch = wait_for_prefetch(mp, WARMUP_PREFETCH_TIMEOUT_S)
+                return res
             finally:
                 if is_mounted(mp):
                     imagefs_umount(mp)

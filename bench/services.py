@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -287,6 +288,26 @@ def start_cache_server(ns: str, workdir: Path, *, port: int, store: str, s3_endp
         return res.returncode == 0
 
     wait_until(listening, svc, "listening socket", timeout=30)
+    return svc
+
+
+def start_agent(run_dir: Path, log: Path) -> Service:
+    """``imagefs agent`` with its socket in ``run_dir`` (the ``$IMAGEFS_RUN_DIR`` that
+    ``imagefs mount`` looks in): mounts fork from it instead of starting Python, as on a
+    host that runs the agent."""
+    sock = run_dir / "agent.sock"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    svc = start_process("imagefs-agent", [tool("imagefs"), "agent", "--socket", str(sock)], log, env=s3_env())
+
+    def answers() -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(sock))
+            except OSError:
+                return False
+        return True
+
+    wait_until(answers, svc, "agent socket", timeout=30)
     return svc
 
 

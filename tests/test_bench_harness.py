@@ -171,6 +171,7 @@ def _run(scenario: str, total: float | None, ok: bool = True, **kw: Any) -> dict
     r.links = kw.pop("links", {"blob": {"connections": 1, "requests": 10, "bytes_up": 1 << 10,
                                         "bytes_down": 3 << 20}})
     r.workload_io = kw.pop("io", {"rchar": 2 << 20})
+    r.tiers = kw.pop("tiers", {})
     if not ok:
         r.error = kw.pop("error", "boom")
     return r.to_dict()
@@ -264,6 +265,45 @@ def test_markdown_report_states_command_machine_and_settings() -> None:
     assert "200 ms to first byte" in text and "1000 Mbit/s" in text
     assert "casync: container did not exit within 40s" in text
     assert text.rstrip().endswith("![where the time went](chart.png)")
+
+
+def test_tier_table_shows_where_imagefs_found_the_chunks() -> None:
+    def tiers(blob_req: int, blob_mib: int, az: int | None = None) -> dict[str, dict[str, int]]:
+        t = {"blob": {"requests": blob_req, "hits": 10 * blob_req, "misses": 0, "bytes": blob_mib << 20, "errors": 0},
+             "memory": {"requests": 100, "hits": 90, "misses": 10, "bytes": 50 << 20, "errors": 0}}
+        if az is not None:
+            t["az"] = {"requests": az, "hits": 40, "misses": 0, "bytes": 30 << 20, "errors": 0}
+        return t
+
+    runs = [_run("baseline", 10.0),
+            _run("imagefs-cold", 2.0, repeat=0, tiers=tiers(4, 10)), _run("imagefs-cold", 3.0, repeat=1, tiers=tiers(8, 20)),
+            _run("imagefs-cold", None, ok=False, repeat=2, tiers=tiers(100, 100)),  # failed: not in the medians
+            _run("imagefs-az", 2.0, tiers=tiers(0, 0, az=5))]
+    summary = report.summarize(runs, scenarios.SCENARIOS)
+    assert report.tier_table(summary).splitlines() == [
+        "| image | workload | scenario | memory | az | blob |",  # fastest tier first
+        "|---|---|---|---|---|---|",
+        "| numpy | import numpy | imagefs-cold | 100 / 90 / 50.0 | – | 6 / 60 / 15.0 |",
+        "| numpy | import numpy | imagefs-az | 100 / 90 / 50.0 | 5 / 40 / 30.0 | – |",
+    ]
+    assert report.tier_table(report.summarize([_run("baseline", 10.0)])) == ""
+    doc = _doc(runs)
+    assert "Per tier (`imagefs stats`" in report.markdown_report(doc)
+    doc["settings"]["agent"] = True
+    assert "imagefs mounts forked from a running `imagefs agent`" in report.markdown_report(doc)
+    doc["settings"]["agent"] = False
+    assert "every imagefs mount spawns a fresh daemon (no agent)" in report.markdown_report(doc)
+
+
+def test_warm_up_waits_for_the_mounts_prefetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([{"prefetch": {"state": "pending"}}, {"prefetch": {"state": "running", "planned": 9}},
+                    {"prefetch": {"state": "done", "planned": 9, "fetched": 7}}, {}])
+    monkeypatch.setattr(scenarios, "imagefs_stats", lambda mp: next(answers))
+    pf = scenarios.wait_for_prefetch(Path("/mnt/x"), timeout=10, poll=0.01)
+    assert (pf["state"], pf["planned"], pf["fetched"]) == ("done", 9, 7) and 0 < pf["wait_s"] < 5
+    assert scenarios.wait_for_prefetch(Path("/mnt/x"), timeout=10)["state"] == "unknown"  # an older mount
+    monkeypatch.setattr(scenarios, "imagefs_stats", lambda mp: {"prefetch": {"state": "running"}})
+    assert scenarios.wait_for_prefetch(Path("/mnt/x"), timeout=0.05, poll=0.01)["state"] == "running"
 
 
 def test_results_section_is_created_then_appended_leaving_others(tmp_path: Path) -> None:
