@@ -65,13 +65,15 @@ class RemoteTier(Protocol):
 
     ``fetch`` returns digest -> uncompressed bytes for the refs it has and leaves out
     the rest. It may raise or hang: the chain treats that as a miss, with a timeout.
+    ``background`` marks a prefetch: the tier should keep little in flight on the link
+    at once, so that demand fetches do not queue behind it.
     A tier whose ``verifies`` attribute is true promises that every chunk it returns
     has been checked against its digest and size; the chain checks the others.
     """
 
     name: str
 
-    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]: ...
+    async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]: ...
 
 
 class _Flight:
@@ -247,13 +249,15 @@ class ChunkChain:
 
     # ---- below the local tiers ---------------------------------------------------
 
-    async def _fetch_below(self, ref: ChunkRef, run: Sequence[ChunkRef]) -> dict[bytes, bytes]:
-        """Fetch ``ref`` (and, where cheap, ``run``) from the remote tiers, then the blob store."""
+    async def _fetch_below(self, ref: ChunkRef, run: Sequence[ChunkRef], *,
+                           background: bool = False) -> dict[bytes, bytes]:
+        """Fetch ``ref`` (and, where cheap, ``run``) from the remote tiers, then the blob
+        store. ``background``: for a prefetch (see :class:`RemoteTier`)."""
         self._fetches += 1
         got: dict[bytes, bytes] = {}
         wanted = [ref, *run]
         for tier in self.remote_tiers:
-            got.update(await self._ask_remote(tier, [r for r in wanted if r.digest not in got]))
+            got.update(await self._ask_remote(tier, [r for r in wanted if r.digest not in got], background))
             if ref.digest in got:
                 return got
         last: Exception | None = None
@@ -275,12 +279,12 @@ class ChunkChain:
             return got
         raise ChunkUnavailable(ref, f"blob store failed {self.retries + 1} times: {last}") from last
 
-    async def _ask_remote(self, tier: RemoteTier, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+    async def _ask_remote(self, tier: RemoteTier, refs: Sequence[ChunkRef], background: bool) -> dict[bytes, bytes]:
         c = self._remote_counters[tier.name]
         t0 = time.perf_counter()
         try:
             with trio.fail_after(self.remote_timeout):
-                raw = await tier.fetch(refs)
+                raw = await tier.fetch(refs, background=background)
             by_digest = {r.digest: r for r in refs}
             offered = {d: v for d, v in raw.items() if d in by_digest}
         except trio.TooSlowError:
@@ -418,7 +422,7 @@ class ChunkChain:
                     self._inflight[r.digest] = claimed[-1][1]
                 got: dict[bytes, bytes] = {}
                 try:
-                    got = await self._fetch_below(claimed[0][0], [r for r, _ in claimed[1:]])
+                    got = await self._fetch_below(claimed[0][0], [r for r, _ in claimed[1:]], background=True)
                 except ChunkUnavailable as e:
                     log.debug("prefetch: %s", e)
                 except Exception:

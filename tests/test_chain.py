@@ -320,7 +320,7 @@ class DictRemote:
         self.chunks = chunks
         self.calls = 0
 
-    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+    async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]:
         self.calls += 1
         await trio.sleep(0)
         return {r.digest: self.chunks[r.digest] for r in refs if r.digest in self.chunks}
@@ -329,14 +329,14 @@ class DictRemote:
 class BrokenRemote:
     name = "broken"
 
-    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+    async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]:
         raise ConnectionRefusedError("cache server down")
 
 
 class HangingRemote:
     name = "hanging"
 
-    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+    async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]:
         await trio.sleep_forever()
         return {}
 
@@ -344,7 +344,7 @@ class HangingRemote:
 class LyingRemote:
     name = "lying"
 
-    async def fetch(self, refs: Sequence[ChunkRef]) -> dict[bytes, bytes]:
+    async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]:
         return {r.digest: b"\0" * r.ulen for r in refs}
 
 
