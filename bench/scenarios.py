@@ -421,8 +421,9 @@ def imagefs_stats(mp: Path) -> dict[str, Any]:
 
 
 def wait_for_prefetch(mp: Path, timeout: float, poll: float = 0.25) -> dict[str, Any]:
-    """Wait until the mount's prefetch has ended (or ``timeout``); its last state, with
-    ``wait_s``. Mounts from before prefetch was reported say ``unknown`` at once."""
+    """Wait until the mount's prefetch has ended or stands by (the AZ cache answered
+    every miss), or ``timeout``; its last state, with ``wait_s``. Mounts from before
+    prefetch was reported say ``unknown`` at once."""
     t0 = time.monotonic()
     while True:
         pf = dict(imagefs_stats(mp).get("prefetch") or {"state": "unknown"})

@@ -36,7 +36,8 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="a cache server in this zone (repeatable)")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="fetch only what is read; by default the image's chunks are brought to the SSD "
-                   "cache in the background, in layout order, after what readers ask for")
+                   "cache in the background, in layout order, after what readers ask for (with --az-cache, "
+                   "only once a read has had to go past the zone's cache to the store)")
 
 
 def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":

@@ -6,6 +6,11 @@ with a few ranged reads in flight turns those round trips into a stream that run
 ahead of the workload; the chain serves demand reads first, so prefetch only uses
 what demand leaves. Without a profile every chunk is a candidate, in layout order,
 up to a budget (a share of the SSD tier, so prefetch never evicts what it fetched).
+
+With an AZ cache the prefetch stands by until a fetch has to go past the zone's
+cache to the blob store (:meth:`cache.chain.ChunkChain.wait_until_prefetch_pays`):
+a warm zone cache answers misses in ~1 ms, and the prefetch would only take CPU
+from the workload.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ def plan(index: Index, budget: int) -> list[ChunkRef]:
 
 class Progress:
     """Where a mount's prefetch stands, for ``imagefs stats``: ``state`` is ``pending``
-    (waiting for the mount to answer), ``running``, ``done`` or ``failed``; ``planned``
+    (waiting for the mount to answer), ``standby`` (the AZ cache answers every miss),
+    ``running``, ``done`` or ``failed``; ``planned``
     chunks in the plan, ``fetched`` of them brought in by the prefetch (chunks already
     held locally, or brought by demand reads, are not counted)."""
 
@@ -54,6 +60,8 @@ async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress:
     import trio
 
     progress = progress or Progress()
+    progress.state = "standby"
+    await chain.wait_until_prefetch_pays()
     progress.state = "running"
     refs = await trio.to_thread.run_sync(plan, index, budget)  # ~50 ms for 30k chunks: off the loop
     progress.planned = len(refs)

@@ -369,6 +369,28 @@ def test_failing_remote_tiers_cost_latency_not_correctness(store: CountingStore)
     json.dumps(s.as_dict())  # what `imagefs stats` prints
 
 
+def test_prefetch_pays_only_once_a_fetch_goes_past_the_remote_tiers(store: CountingStore) -> None:
+    chunks = random_chunks(3, 16 * KIB, seed=16)
+    refs = write_pack(store, chunks)
+    alone = ChunkChain(BlobTier(store), None, MemoryTier(1 << 20))
+    zone = ChunkChain(BlobTier(store), None, MemoryTier(1 << 20),
+                      remote_tiers=[DictRemote("az", {r.digest: c for r, c in zip(refs[:2], chunks[:2])})])
+
+    async def main() -> None:
+        with trio.fail_after(5):
+            await alone.wait_until_prefetch_pays()  # no zone cache: at once
+        assert await zone.get(refs[0]) == chunks[0] and await zone.get(refs[1]) == chunks[1]
+        with trio.move_on_after(0.2) as waited:
+            await zone.wait_until_prefetch_pays()
+        assert waited.cancelled_caught, "the zone cache answered every miss: no prefetch yet"
+        assert await zone.get(refs[2]) == chunks[2]  # the zone cache lacks it: the blob store
+        with trio.fail_after(5):
+            await zone.wait_until_prefetch_pays()
+
+    run(main)
+    assert store.range_reads == 1
+
+
 class SlowSSD(SSDTier):
     """A real SSD tier on a disk that takes its time writing."""
 

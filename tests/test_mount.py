@@ -321,8 +321,11 @@ def test_mount_through_an_az_cache_server(env: str, store: str) -> None:
         with mounted("main", os.path.join(env, "mnt-az"), opts) as m:
             with open(_p(m, "big"), "rb") as f:
                 assert f.read() == BIG
-            tiers = query_stats(m.path)["cache"]["tiers"]
+            stats = query_stats(m.path)
+            tiers = stats["cache"]["tiers"]
             assert tiers["az"]["hits"] >= 1 and tiers["blob"]["requests"] == 0
+            # The zone's cache answered every miss: the prefetch stands by, costing nothing.
+            assert stats["prefetch"]["state"] == "standby" and stats["cache"]["prefetched"] == 0
     finally:
         server.kill()
 
