@@ -369,6 +369,38 @@ def test_failing_remote_tiers_cost_latency_not_correctness(store: CountingStore)
     json.dumps(s.as_dict())  # what `imagefs stats` prints
 
 
+class RecordingRemote(DictRemote):
+    """A working remote tier that notes what each fetch asked for."""
+
+    def __init__(self, name: str, chunks: dict[bytes, bytes]) -> None:
+        super().__init__(name, chunks)
+        self.asked: list[list[ChunkRef]] = []
+
+    async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]:
+        self.asked.append(list(refs))
+        return await super().fetch(refs, background=background)
+
+
+def test_a_demand_fetch_asks_a_remote_tier_for_few_neighbours_and_the_store_for_its_range(
+        store: CountingStore) -> None:
+    chunks = random_chunks(4, 400 * KIB, seed=17, compressible=False)
+    refs = write_pack(store, chunks)
+    az = RecordingRemote("az", {refs[0].digest: chunks[0], refs[1].digest: chunks[1]})
+    chain = ChunkChain(BlobTier(store), None, MemoryTier(8 << 20), remote_tiers=[az], remote_demand_bytes=1 << 20)
+
+    async def main() -> None:
+        assert await chain.get(refs[0], refs[1:]) == chunks[0]
+        assert [r.digest for r in az.asked[0]] == [refs[0].digest, refs[1].digest], "~1 MiB of the run"
+        assert await chain.get(refs[1], refs[2:]) == chunks[1]  # came along: no fetch
+        assert len(az.asked) == 1 and store.range_reads == 0
+        assert await chain.get(refs[2], refs[3:]) == chunks[2]  # the zone lacks it: the store's range
+        assert store.range_reads == 1
+        assert await chain.get(refs[3]) == chunks[3]  # came along with the range
+        assert store.range_reads == 1
+
+    run(main)
+
+
 def test_prefetch_pays_only_once_a_fetch_goes_past_the_remote_tiers(store: CountingStore) -> None:
     chunks = random_chunks(3, 16 * KIB, seed=16)
     refs = write_pack(store, chunks)
