@@ -46,7 +46,8 @@ import trio
 from cache.chunk import LARGE_BUFFER, ChunkRef, CorruptChunk, open_chunk
 from cache.rendezvous import Rendezvous
 from cache.server_wire import (BATCH_CONTENT_TYPE, BATCH_PATH, FRAME_HEAD, HEALTH_PATH, MAX_BATCH_BYTES,
-                               MAX_BATCH_REFS, MAX_CHUNK, ST_OK, encode_refs, format_address, parse_address)
+                               MAX_BATCH_REFS, MAX_CHUNK, ST_READ_THROUGH, DATA_STATUSES, encode_refs, format_address,
+                               parse_address)
 from cache.stats import Counters, TierStats
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,9 @@ class AZCacheTier:
 
     name = "az"
     verifies = True  # see the module docstring: the chain need not hash our chunks again
+    # Chunks the servers said they read from the blob store for us (the zone is cold for
+    # them): the chain starts a mount's prefetch when this grows.
+    read_through = 0
 
     def __init__(self, servers: list[str], *, secret: str | None = None, deadline: float = DEFAULT_DEADLINE_S,
                  probe_interval: float = 1.0) -> None:
@@ -391,7 +395,8 @@ class AZCacheTier:
             failed.extend(refs)
             return False
         by_digest = {r.digest: r for r in refs}
-        offered = [(d, data) for d, st, data in frames if st == ST_OK and d in by_digest]
+        offered = [(d, data) for d, st, data in frames if st in DATA_STATUSES and d in by_digest]
+        self.read_through += sum(1 for d, st, _ in frames if st == ST_READ_THROUGH and d in by_digest)
         nbytes = sum(len(data) for _, data in offered)
         if nbytes >= LARGE_BUFFER // 4:  # compressed: decompressing is ~4x the work
             good, bad = await trio.to_thread.run_sync(_verify_all, by_digest, offered)

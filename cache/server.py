@@ -76,7 +76,7 @@ from cache.server_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cache.server_metrics import ServerMetrics
 from cache.server_wire import (BATCH_CONTENT_TYPE, BATCH_PATH, CHUNK_PATH, FRAME_HEAD, HEALTH_PATH,
                                HTTP_STATUS, MAX_BATCH_REFS, MAX_PACK_KEY, METRICS_PATH, REF_HEAD,
-                               ST_CORRUPT, ST_NOT_FOUND, ST_OK, ST_UNAVAILABLE, STATUS_NAMES,
+                               ST_CORRUPT, ST_NOT_FOUND, ST_OK, ST_READ_THROUGH, ST_UNAVAILABLE, STATUS_NAMES,
                                BatchTooLarge, WireError, decode_refs, parse_chunk_query)
 from cache.ssd import SSDTier
 
@@ -365,8 +365,9 @@ class CacheServer:
         self.metrics.chunks_requested += len(refs)
         self.metrics.in_flight += 1
         pieces: dict[bytes, _Piece] = {}
+        missed: set[bytes] = set()
         try:
-            pieces = await self._resolve(refs)
+            pieces = await self._resolve(refs, missed)
             small = [d for d, p in pieces.items() if isinstance(p, _File) and p.size < SMALL_WRITE]
             if len(small) > 1:
                 # A cold start's chunks are mostly small: reading them (one thread hop for
@@ -379,7 +380,7 @@ class CacheServer:
                                               headers=[("Content-Type", BATCH_CONTENT_TYPE)]))
             for r in refs:
                 p = pieces[r.digest]
-                status = p if isinstance(p, int) else ST_OK
+                status = p if isinstance(p, int) else ST_READ_THROUGH if r.digest in missed else ST_OK
                 pending += FRAME_HEAD.pack(r.digest, status, _piece_len(p))
                 if isinstance(p, bytes) and len(p) < SMALL_WRITE:
                     pending += p
@@ -409,9 +410,10 @@ class CacheServer:
 
     # ---- resolving chunks: disk cache, flights, blob store ---------------------------
 
-    async def _resolve(self, refs: Sequence[ChunkRef]) -> dict[bytes, _Piece]:
-        """digest -> what to send for each distinct ref. Open files in the result belong
-        to the caller (closed here only if this is cancelled)."""
+    async def _resolve(self, refs: Sequence[ChunkRef], missed: set[bytes] | None = None) -> dict[bytes, _Piece]:
+        """digest -> what to send for each distinct ref; the digests that had to be read
+        from the blob store are added to ``missed``. Open files in the result belong to
+        the caller (closed here only if this is cancelled)."""
         pieces: dict[bytes, _Piece] = {}
         try:
             uniq = list({r.digest: r for r in refs}.values())
@@ -452,6 +454,8 @@ class CacheServer:
                     self.metrics.hits += 1
                     continue
                 self.metrics.misses += 1
+                if missed is not None:
+                    missed.add(r.digest)
                 if flight is None:
                     flight = self._flights[r.digest] = _Flight()
                     owned.append((r, flight))

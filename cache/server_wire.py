@@ -19,9 +19,11 @@ Endpoints (version in the path, so a future format can live beside this one)::
     REF   = digest[32] offset:u64 clen:u32 ulen:u32 packlen:u16 pack[packlen] (UTF-8)
     FRAME = digest[32] status:u8 length:u32 bytes[length]   (big-endian integers)
 
-A frame's status is one of the ``ST_*`` values; only ``ST_OK`` frames carry bytes: the
-chunk's zstd frame as the packs store it (with its content size in the header),
-verified by the server. The client decompresses and verifies it again, checking the
+A frame's status is one of the ``ST_*`` values; only ``ST_OK`` and ``ST_READ_THROUGH``
+frames carry bytes: the chunk's zstd frame as the packs store it (with its content size
+in the header), verified by the server. ``ST_READ_THROUGH`` says the server did not have
+the chunk and read it from the blob store for this request: the zone's cache is cold
+for it, which a client may act on (a mount starts its prefetch). The client decompresses and verifies it again, checking the
 size against the ``ulen`` it asked for. Anything else is a miss for the client.
 
 Version 1 sent uncompressed chunks; v2 sends frames, so a chunk crosses the zone's
@@ -52,10 +54,13 @@ ST_NOT_FOUND = 1  # the blob store has no such pack (or range)
 ST_UNAVAILABLE = 2  # the blob store failed or timed out
 ST_CORRUPT = 3  # the blob store's copy does not match its digest
 ST_INVALID = 4  # the ref itself is malformed
+ST_READ_THROUGH = 5  # like ST_OK (the frame follows), but the server read it from the blob store just now
+DATA_STATUSES = (ST_OK, ST_READ_THROUGH)
 STATUS_NAMES = {ST_OK: "ok", ST_NOT_FOUND: "not found", ST_UNAVAILABLE: "unavailable",
-                ST_CORRUPT: "corrupt", ST_INVALID: "invalid"}
+                ST_CORRUPT: "corrupt", ST_INVALID: "invalid", ST_READ_THROUGH: "ok, read through"}
 # How the single-chunk endpoint reports each status.
-HTTP_STATUS = {ST_OK: 200, ST_NOT_FOUND: 404, ST_UNAVAILABLE: 503, ST_CORRUPT: 502, ST_INVALID: 400}
+HTTP_STATUS = {ST_OK: 200, ST_READ_THROUGH: 200, ST_NOT_FOUND: 404, ST_UNAVAILABLE: 503, ST_CORRUPT: 502,
+               ST_INVALID: 400}
 
 # Bounds a server enforces (and a client respects when it splits its batches).
 MAX_CHUNK = 64 << 20

@@ -106,10 +106,15 @@ def test_chunks_cross_the_wire_as_their_compressed_frames(tmp_path: Path,
     cache_servers.append(srv)
     tier = AZCacheTier([srv.address])
 
-    async def twice() -> list[dict[bytes, bytes]]:
-        return [await tier.fetch(refs), await tier.fetch(refs)]
+    async def twice() -> list[tuple[dict[bytes, bytes], int]]:
+        first = await tier.fetch(refs)
+        read_through = tier.read_through
+        return [(first, read_through), (await tier.fetch(refs), tier.read_through)]
 
-    for got in run(twice):  # a read-through, then hits sent from the server's disk
+    # A read-through (the server says so for every chunk), then hits from the server's disk.
+    results = run(twice)
+    assert [n for _, n in results] == [len(refs), len(refs)]
+    for got, _ in results:
         assert got == {r.digest: c for r, c in zip(refs, chunks)}
     frames = sum(r.clen for r in refs)
     assert frames < sum(map(len, chunks)) // 4, "the test's chunks compress"

@@ -23,8 +23,8 @@ import pytest
 
 from cache.chunk import ChunkRef, compress, digest_of
 from cache.localstore import LocalStore
-from cache.server_wire import (BATCH_PATH, MAX_BATCH_REFS, ST_CORRUPT, ST_NOT_FOUND, ST_OK, chunk_query,
-                               encode_refs, iter_frames)
+from cache.server_wire import (BATCH_PATH, MAX_BATCH_REFS, ST_CORRUPT, ST_NOT_FOUND, ST_OK, ST_READ_THROUGH,
+                               chunk_query, encode_refs, iter_frames)
 from cache.ssd import SSDTier
 from tests.support.cacheserver import (CacheServerProcess, cache_servers, parse_prometheus,  # noqa: F401
                                        start_cache_server)
@@ -96,7 +96,9 @@ def test_single_and_batch_requests_read_through_then_hit(tmp_path: Path,
 
     # Five cold chunks back to back in the pack: one ranged read for all of them.
     frames = batch(srv, refs[1:6], conn)
-    assert [(d, st, b) for d, st, b in frames] == [(r.digest, ST_OK, c) for r, c in zip(refs[1:6], stored[1:6])]
+    # Each says it was read through from the blob store (the zone's cache was cold for it).
+    assert [(d, st, b) for d, st, b in frames] == [(r.digest, ST_READ_THROUGH, c)
+                                                   for r, c in zip(refs[1:6], stored[1:6])]
     assert srv.metric("blob_fetches_total") == 2
 
     # Hits, a miss, a ref whose digest lies, a pack that does not exist, a duplicate: in order.
@@ -104,7 +106,7 @@ def test_single_and_batch_requests_read_through_then_hit(tmp_path: Path,
     ghost = ChunkRef(digest_of(b"ghost"), "packs/" + "0" * 64, 0, refs[7].clen, refs[7].ulen)
     asked = [refs[2], refs[7], liar, ghost, refs[2]]
     frames = batch(srv, asked, conn)
-    assert [(d, st) for d, st, _ in frames] == [(refs[2].digest, ST_OK), (refs[7].digest, ST_OK),
+    assert [(d, st) for d, st, _ in frames] == [(refs[2].digest, ST_OK), (refs[7].digest, ST_READ_THROUGH),
                                                (liar.digest, ST_CORRUPT), (ghost.digest, ST_NOT_FOUND),
                                                (refs[2].digest, ST_OK)]
     assert frames[0][2] == frames[4][2] == stored[2] and frames[1][2] == stored[7]
@@ -172,7 +174,7 @@ def test_64_concurrent_requests_for_a_cold_chunk_make_one_blob_get(
             else:  # batch requests join the same flight
                 conn.request("POST", BATCH_PATH, body=encode_refs([refs[0]]))
                 (d, st, data), = iter_frames(conn.getresponse().read())
-                results[i] = bytes(data) if st == ST_OK else None
+                results[i] = bytes(data) if st == ST_READ_THROUGH else None
             conn.close()
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]

@@ -423,6 +423,32 @@ def test_prefetch_pays_only_once_a_fetch_goes_past_the_remote_tiers(store: Count
     assert store.range_reads == 1
 
 
+class ReadingThroughRemote(DictRemote):
+    """A remote tier that has every chunk but says it had to read them from the blob store."""
+
+    read_through = 0
+
+    async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]:
+        got = await super().fetch(refs, background=background)
+        self.read_through += len(got)
+        return got
+
+
+def test_prefetch_pays_once_the_remote_tier_reads_chunks_through(store: CountingStore) -> None:
+    chunks = random_chunks(1, 16 * KIB, seed=18)
+    refs = write_pack(store, chunks)
+    zone = ChunkChain(BlobTier(store), None, MemoryTier(1 << 20),
+                      remote_tiers=[ReadingThroughRemote("az", {refs[0].digest: chunks[0]})])
+
+    async def main() -> None:
+        assert await zone.get(refs[0]) == chunks[0]
+        with trio.fail_after(5):
+            await zone.wait_until_prefetch_pays()
+
+    run(main)
+    assert store.range_reads == 0, "the zone's cache served it: only its word says the zone is cold"
+
+
 class SlowSSD(SSDTier):
     """A real SSD tier on a disk that takes its time writing."""
 
