@@ -30,10 +30,12 @@ wrong), so it is built to be simple and fast rather than clever:
 - **Verified before served and cached**: blob-store reads are decompressed and
   verified (:class:`~cache.blobtier.BlobTier`) before they are cached or sent. A
   cache file is verified (read, decompress, blake3, through ``SSDTier.get``) the first time this
-  process serves it and again every ``reverify_after`` seconds; in between, the file
-  is sent as long as its inode, mtime and size are those that were verified. The
-  re-verification is also what refreshes the file's LRU position, so LRU order is
-  approximate to ``reverify_after``. Because a file is re-verified after every
+  process serves it and again every ``reverify_after`` seconds (an hour); in between,
+  the file is sent as long as its inode, mtime and size are those that were verified,
+  and its LRU position is refreshed in batches every ``touch_interval`` seconds. (With
+  a one-minute re-verification, a batch of hundreds of small chunks asked a minute
+  after they were cached was re-read and re-hashed on the serving path, past the
+  client's 1 s deadline on a loaded host.) Because a file is re-verified after every
   restart, fills skip ``fsync``: a file torn by a crash is caught, dropped and fetched
   again, never served. The client verifies everything too (end to end).
 - **Single flight**: misses are registered as in flight before the first await;
@@ -99,7 +101,8 @@ class ServerOptions:
     blob_concurrency: int = 16  # ranged blob reads at once
     disk_concurrency: int = 8  # disk-cache reads/fills at once
     max_range: int = DEFAULT_MAX_RANGE  # bytes in one ranged blob read
-    reverify_after: float = 60.0  # seconds a verified cache file is sent without rehashing
+    reverify_after: float = 3600.0  # seconds a verified cache file is sent without rehashing
+    touch_interval: float = 2.0  # seconds between writes of the LRU positions of files sent
     verified_cap: int = 1 << 18  # cache files remembered as verified
     max_connections: int = 4096
 
@@ -153,6 +156,7 @@ class CacheServer:
         self._flights: dict[bytes, _Flight] = {}
         # digest -> (inode, mtime_ns, size, verified until [monotonic])
         self._verified: OrderedDict[bytes, tuple[int, int, int, float]] = OrderedDict()
+        self._touched: set[bytes] = set()  # sent from a verified file since the last LRU write
         self._blob_limiter = trio.CapacityLimiter(options.blob_concurrency)
         self._disk_limiter = trio.CapacityLimiter(options.disk_concurrency)
         self._conn_slots = trio.Semaphore(options.max_connections)
@@ -170,6 +174,7 @@ class CacheServer:
         """Accept and answer until :meth:`shutdown`, then drain (bounded) and return."""
         async with trio.open_nursery() as bg:
             self._bg = bg
+            bg.start_soon(self._touch_loop)
             async with trio.open_nursery() as conns:
                 for listener in listeners:
                     conns.start_soon(self._accept_loop, listener, conns)
@@ -491,7 +496,20 @@ class CacheServer:
             os.close(fd)
             self._verified.pop(digest, None)
             return None
+        self._touched.add(digest)
         return _File(fd, size)
+
+    async def _touch_loop(self) -> None:
+        """(server nursery) Write the LRU positions of the files sent lately, in batches."""
+        while True:
+            await trio.sleep(self.opts.touch_interval)
+            if not self._touched:
+                continue
+            batch, self._touched = self._touched, set()
+            try:
+                await trio.to_thread.run_sync(self.ssd.touch, batch, limiter=self._disk_limiter)
+            except Exception as e:  # an LRU position is an optimisation, never an outage
+                log.warning("disk cache: recording %d access(es) failed: %r", len(batch), e)
 
     def _remember(self, digest: bytes, ident: tuple[int, int, int]) -> None:
         self._verified[digest] = (*ident, time.monotonic() + self.opts.reverify_after)

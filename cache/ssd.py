@@ -317,6 +317,16 @@ class SSDTier:
         if due:
             self.flush()
 
+    def touch(self, digests: Iterable[bytes]) -> None:
+        """Record that ``digests`` were used just now (their LRU position), without
+        reading them: for a caller that sends the files itself (the cache server's
+        sendfile hits). One write transaction."""
+        now = time.time_ns()
+        with self._touch_lock:
+            for d in digests:
+                self._touches[d] = now
+        self.flush()
+
     def flush(self) -> None:
         """Write queued last-access times now (also done on fills and close)."""
         with self._touch_lock:

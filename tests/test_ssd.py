@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,19 @@ def test_a_directory_keeps_the_form_it_was_made_with(tmp_path: Path) -> None:
         SSDTier(str(legacy), 1 << 20, frames=True)
     with SSDTier(str(legacy), 1 << 20) as ssd:
         assert ssd.get(ref_for(data)) == data
+
+
+def test_touch_refreshes_lru_positions_without_reading(tmp_path: Path) -> None:
+    """What the cache server does for files it sends itself: the touched chunk outlives
+    older ones although nobody read it through the tier."""
+    a, b, c, d = random_chunks(4, 100 * KIB, seed=24)
+    with SSDTier(str(tmp_path), 350 * KIB) as ssd:
+        for data in (a, b, c):
+            ssd.put(ref_for(data), data)
+            time.sleep(0.002)
+        ssd.touch([ref_for(a).digest])
+        before = ssd.stats().requests
+        time.sleep(0.002)
+        ssd.put(ref_for(d), d)  # over the bound: the least recently used goes
+        assert ssd.contains(ref_for(a).digest) and not ssd.contains(ref_for(b).digest)
+        assert ssd.stats().requests == before, "touching read nothing"
