@@ -377,7 +377,8 @@ class CacheServer:
             if len(small) > 1:
                 # A cold start's chunks are mostly small: reading them (one thread hop for
                 # the batch) and sending them in large writes costs less than an awaited
-                # sendfile per chunk (measured: ~60 us per 10 KiB chunk that way).
+                # sendfile per chunk (warm batches of 500 ~10 KiB chunks on loopback, end to
+                # end: 58-63 us per chunk that way, 46-51 us this way).
                 await trio.to_thread.run_sync(_read_small, pieces, small, limiter=self._disk_limiter)
             length = sum(FRAME_HEAD.size + _piece_len(pieces[r.digest]) for r in refs)
             self.metrics.failed += sum(1 for r in refs if isinstance(pieces[r.digest], int))
