@@ -26,8 +26,9 @@ point of failure):
   the blob tier does with pack ranges.
 - **Trust nothing**: every chunk that comes back is decompressed and verified (size
   and blake3) before it is returned; a wrong one is dropped, counted (``corrupt``) and
-  logged: a miss. The chain therefore does not hash it again (``verifies``). A status
-  other than "ok" in a frame is a plain miss.
+  logged: a miss. The chain therefore does not hash it again (``verifies``). A frame
+  whose status is neither "ok" nor "ok, read through" is a plain miss; "read through"
+  frames are counted (``read_through``): the zone's cache is cold for them.
 - **Cheap round trips**: persistent keep-alive connections, a small pool per server,
   a minimal HTTP/1.1 client on trio sockets that receives chunk bytes straight into
   their buffers (``recv_into``). A pooled connection the server closed while idle is
