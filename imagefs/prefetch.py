@@ -8,9 +8,9 @@ what demand leaves. Without a profile every chunk is a candidate, in layout orde
 up to a budget (a share of the SSD tier, so prefetch never evicts what it fetched).
 
 With an AZ cache the prefetch stands by until a fetch has to go past the zone's
-cache to the blob store (:meth:`cache.chain.ChunkChain.wait_until_prefetch_pays`):
-a warm zone cache answers misses in ~1 ms, and the prefetch would only take CPU
-from the workload.
+cache to the blob store, or the zone's cache says it read chunks through
+(:meth:`cache.chain.ChunkChain.wait_until_prefetch_pays`): a warm zone cache answers
+misses in ~1 ms, and the prefetch would only take CPU from the workload.
 """
 
 from __future__ import annotations
