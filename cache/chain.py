@@ -271,8 +271,8 @@ class ChunkChain:
         self._fetches += 1
         got: dict[bytes, bytes] = {}
         wanted = [ref, *run]
-        if not background and self.remote_tiers:
-            wanted = _leading(wanted, self.remote_demand_bytes)
+        if not background and self.remote_tiers:  # ``run`` sits back to back after ``ref``
+            wanted = [ref, *contiguous_run(ref, run, self.remote_demand_bytes)]
         for tier in self.remote_tiers:
             got.update(await self._ask_remote(tier, [r for r in wanted if r.digest not in got], background))
             if ref.digest in got:
@@ -488,17 +488,6 @@ class ChunkChain:
             prefetch_failed=self._prefetch_failed, fill_pending=self._fill_bytes,
             fill_dropped=self._fill_dropped,
         )
-
-
-def _leading(refs: list[ChunkRef], max_bytes: int) -> list[ChunkRef]:
-    """The first of ``refs`` and those after it while their compressed sizes fit in
-    ``max_bytes`` (the first always)."""
-    total = refs[0].clen
-    n = 1
-    while n < len(refs) and total + refs[n].clen <= max_bytes:
-        total += refs[n].clen
-        n += 1
-    return refs[:n]
 
 
 def _verified(by_digest: dict[bytes, ChunkRef], offered: dict[bytes, bytes]) -> dict[bytes, bytes]:
