@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from cache.blobstore import BlobStore
 from indexer import catalog
 from indexer.background import BackgroundReader
-from indexer.chunker import DEFAULT_CHUNK_SIZE, DEFAULT_MEMORY_BUDGET, ChunkSpill
+from indexer.chunker import DEFAULT_CHUNK_SIZE, DEFAULT_MEMORY_BUDGET, DEFAULT_RANDOM_ACCESS_CHUNK_SIZE, ChunkSpill
 from indexer.format import encode, seal
 from indexer.layers import apply_layer
 from indexer.packer import load_known_chunks, start_packs
@@ -135,6 +135,7 @@ def build_image(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Progress | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    random_access_chunk_size: int = DEFAULT_RANDOM_ACCESS_CHUNK_SIZE,
 ) -> BuildResult:
     """Index ``source`` into ``store`` under ``name`` (None: the default name; "" for none).
 
@@ -143,7 +144,8 @@ def build_image(
     """
     with gc_paused():
         return _build(source, store, name, platform=platform, insecure=insecure, chunk_size=chunk_size,
-                      progress=progress, memory_budget=memory_budget)
+                      progress=progress, memory_budget=memory_budget,
+                      random_access_chunk_size=random_access_chunk_size)
 
 
 def _build(
@@ -156,6 +158,7 @@ def _build(
     chunk_size: int,
     progress: Progress | None,
     memory_budget: int,
+    random_access_chunk_size: int,
 ) -> BuildResult:
     start = time.monotonic()
     progress = progress or NullProgress()
@@ -169,7 +172,8 @@ def _build(
         progress.phase("reading store")
         known = load_known_chunks(store)
         tree = Tree()
-        with ChunkSpill(known.keys(), chunk_size, memory_budget=memory_budget) as spill:
+        with ChunkSpill(known.keys(), chunk_size, memory_budget=memory_budget,
+                        random_access_chunk_size=random_access_chunk_size) as spill:
             spill.on_bytes = progress.advance
             for i, layer in enumerate(src.layers, 1):
                 label = f"layer {i}/{len(src.layers)} {layer.digest[7:19]}"

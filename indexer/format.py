@@ -5,7 +5,7 @@ record tables that a reader indexes with ``struct.unpack_from`` in place, so ope
 an index is one decompression and no per-entry Python objects (the ~34,000-entry torch
 image opens in a few milliseconds).
 
-Body layout (version 1)::
+Body layout (version 2; version 1 is the same without the INODE record's last field)::
 
     header      MAGIC, version, counts, and the byte offset of every section
     inodes      INODE records; inode number N is record N-1 (the root is inode 1)
@@ -20,6 +20,12 @@ Body layout (version 1)::
 Per inode kind, the two ``a``/``b`` fields of an INODE record mean:
 directory: first dirent, dirent count; regular file: first extent, extent count;
 symlink: target offset, target length in strings; others: unused.
+
+A regular file's chunks are all ``chunk_size`` bytes but the last, unless its INODE
+record's ``chunk_shift`` (version 2) is non-zero: then they are ``1 << chunk_shift``.
+The chunker cuts large files that are read at random (mapped ELF objects) into smaller
+chunks than the rest (see :mod:`indexer.chunker`), so a page fault brings ~64 KiB
+instead of ~1 MiB, and a reader still finds the chunk of any offset by division.
 The index is addressed by the blake3 digest of the whole blob (``blake3:<hex>``).
 """
 
@@ -37,13 +43,15 @@ from cache.chunk import digest_of
 from indexer.tree import Node, Tree
 
 MAGIC = b"IMGFSIDX"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DIGEST_PREFIX = "blake3:"
 
 # magic, version, chunk_size, then counts and offsets.
 HEADER = struct.Struct("<8sII" + "I" * 7 + "Q" * 9)
-# mode uid gid nlink parent xattr_start xattr_count a b size mtime_ns rdev
-INODE = struct.Struct("<IIIIIIIIIQqQ")
+# mode uid gid nlink parent xattr_start xattr_count a b size mtime_ns rdev chunk_shift
+INODE = struct.Struct("<IIIIIIIIIQqQI")
+INODE_V1 = struct.Struct("<IIIIIIIIIQqQ")  # version 1: no chunk_shift (every file at chunk_size)
 # name_off name_len inode
 DIRENT = struct.Struct("<III")
 EXTENT = struct.Struct("<I")
@@ -96,8 +104,9 @@ def parse_header(body: bytes | memoryview) -> Header:
     fields = HEADER.unpack_from(body, 0)
     if fields[0] != MAGIC:
         raise IndexFormatError("not an imagefs index (bad magic)")
-    if fields[1] != VERSION:
-        raise IndexFormatError(f"index format version {fields[1]} is not supported (this imagefs reads {VERSION})")
+    if fields[1] not in READABLE_VERSIONS:
+        raise IndexFormatError(f"index format version {fields[1]} is not supported (this imagefs reads "
+                               f"{', '.join(map(str, READABLE_VERSIONS))})")
     h = Header(*fields[1:])
     if h.meta_off + h.meta_len > len(body) or h.strings_off + h.strings_len > len(body):
         raise IndexFormatError("index sections run past its end")
@@ -177,6 +186,7 @@ def encode(
             b = n_dirents - a
         elif stat.S_ISREG(node.mode):
             a = n_extents
+            shift = _chunk_shift(node, locations, chunk_size)
             for d in node.chunks:
                 n = chunk_no.get(d)
                 if n is None:
@@ -201,6 +211,7 @@ def encode(
         inodes += INODE.pack(
             node.mode, node.uid, node.gid, nlink[ino - 1], parent_of[ino - 1],
             xstart, n_xattrs - xstart, a, b, node.size, node.mtime_ns, node.rdev,
+            shift if stat.S_ISREG(node.mode) else 0,
         )
 
     meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
@@ -221,6 +232,19 @@ def encode(
         body += b"\0" * (off - len(body))
         body += s
     return bytes(body)
+
+
+def _chunk_shift(node: Node, locations: dict[bytes, ChunkLocation], chunk_size: int) -> int:
+    """0 if ``node``'s chunks are ``chunk_size`` bytes (or it has one chunk), else log2 of
+    the size its chunker chose, which must be a power of two of at least 4 KiB."""
+    if len(node.chunks) < 2:
+        return 0
+    size = locations[node.chunks[0]].ulen
+    if size == chunk_size:
+        return 0
+    if size < 4096 or size & (size - 1):
+        raise ValueError(f"a file's chunks are {size} bytes: not a power of two of at least 4096")
+    return size.bit_length() - 1
 
 
 def seal(body: bytes) -> tuple[str, bytes]:

@@ -13,7 +13,7 @@ from typing import Any, Iterator, NamedTuple
 
 from cache.chunk import ChunkRef
 from indexer.format import (
-    CHUNK, DIRENT, EXTENT, INODE, PACK, XATTR, IndexFormatError, parse_header, unseal,
+    CHUNK, DIRENT, EXTENT, INODE, INODE_V1, PACK, XATTR, IndexFormatError, parse_header, unseal,
 )
 
 ROOT_INO = 1
@@ -47,6 +47,7 @@ class Index:
         self._mv = memoryview(body)
         h = self._h = parse_header(body)
         self.chunk_size = h.chunk_size
+        self._inode = INODE if h.version >= 2 else INODE_V1
         self.n_inodes = h.n_inodes
         self._strings = h.strings_off
         # Read through a memoryview cast, not EXTENT.unpack_from: one u32 per chunk, indexed directly.
@@ -82,11 +83,20 @@ class Index:
 
     def _raw(self, ino: int) -> tuple[int, ...]:
         self._check(ino)
-        return INODE.unpack_from(self._body, self._h.inodes_off + (ino - 1) * INODE.size)
+        rec = self._inode
+        return rec.unpack_from(self._body, self._h.inodes_off + (ino - 1) * rec.size)
 
     def inode(self, ino: int) -> Inode:
-        mode, uid, gid, nlink, parent, _xs, _xc, _a, _b, size, mtime_ns, rdev = self._raw(ino)
-        return Inode(ino, mode, uid, gid, nlink, parent, size, mtime_ns, rdev)
+        raw = self._raw(ino)
+        return Inode(ino, raw[0], raw[1], raw[2], raw[3], raw[4], raw[9], raw[10], raw[11])
+
+    def _chunk_size_of(self, raw: tuple[int, ...]) -> int:
+        return 1 << raw[12] if len(raw) > 12 and raw[12] else self.chunk_size
+
+    def file_chunk_size(self, ino: int) -> int:
+        """The size of a regular file's chunks (all but the last): the index's
+        ``chunk_size`` unless the chunker chose a smaller one for this file."""
+        return self._chunk_size_of(self._raw(ino))
 
     def _string(self, off: int, ln: int) -> bytes:
         start = self._strings + off
@@ -192,29 +202,44 @@ class Index:
         digest, pack, offset, clen, ulen = CHUNK.unpack_from(self._body, self._h.chunks_off + chunk_no * CHUNK.size)
         return ChunkRef(digest, self.pack_key(pack), offset, clen, ulen)
 
-    def file_chunks(self, ino: int) -> tuple[int, int]:
-        """(first extent, extent count) of a regular file."""
+    def _file(self, ino: int) -> tuple[int, int, int]:
+        """(first extent, extent count, chunk size) of a regular file."""
         raw = self._raw(ino)
         if not stat.S_ISREG(raw[0]):
             raise IsADirectoryError(ino) if stat.S_ISDIR(raw[0]) else ValueError(f"inode {ino} is not a regular file")
-        return raw[7], raw[8]
+        return raw[7], raw[8], self._chunk_size_of(raw)
+
+    def file_chunks(self, ino: int) -> tuple[int, int]:
+        """(first extent, extent count) of a regular file."""
+        first, count, _cs = self._file(ino)
+        return first, count
 
     def chunks_for_range(self, ino: int, offset: int, length: int) -> list[tuple[int, ChunkRef]]:
         """The chunks covering ``[offset, offset+length)`` of a file, each with the
         file offset where it starts. Found by arithmetic: chunk i covers
-        ``[i*chunk_size, (i+1)*chunk_size)``."""
-        first, count = self.file_chunks(ino)
+        ``[i*cs, (i+1)*cs)`` where ``cs`` is the file's chunk size."""
+        first, count, cs = self._file(ino)
         if length <= 0 or count == 0:
             return []
-        cs = self.chunk_size
         lo = offset // cs
         hi = min(count, (offset + length + cs - 1) // cs)
         return [(i * cs, self.chunk(self._extents[first + i])) for i in range(lo, hi)]
 
+    def chunk_numbers(self, ino: int, offset: int, length: int) -> list[int]:
+        """The chunk-table numbers of the chunks covering ``[offset, offset+length)`` of a
+        file, in file order (what a profile records)."""
+        first, count, cs = self._file(ino)
+        if length <= 0 or count == 0:
+            return []
+        lo = offset // cs
+        hi = min(count, (offset + length + cs - 1) // cs)
+        ext = self._extents
+        return [ext[first + i] for i in range(lo, hi)]
+
     def chunk_no(self, ino: int, offset: int) -> int:
         """The chunk-table number of the chunk holding byte ``offset`` of a file."""
-        first, count = self.file_chunks(ino)
-        i = offset // self.chunk_size
+        first, count, cs = self._file(ino)
+        i = offset // cs
         if not 0 <= i < count:
             raise ValueError(f"offset {offset} is past the chunks of inode {ino}")
         return self._extents[first + i]
