@@ -1,0 +1,150 @@
+"""Lay a startup profile out: copy its chunks into startup packs, in access order.
+
+A profile's chunks sit in the image's packs in tree order, scattered among chunks the
+workload never reads, so a replay straight from them needs many ranged reads. Here the
+chunks are copied, in the order they are first read, into one or a few new packs
+(``packs/<blake3>``, like any pack), and the profile records where each copy is. A
+replay then reads the whole working set in a handful of sequential ranged reads.
+
+What does not change: the index (so the image digest, the mounted tree, and dedup
+with other images: every chunk keeps its place in the image's own packs; the startup
+packs are extra copies, reported as such), and chunk identity (each copy is the same
+zstd frame, checked against its digest before it is copied, and verified again by
+every reader). A startup pack has no table of contents, so a build never dedups
+against it: it lives exactly as long as a profile names it (garbage collection keeps
+the packs of every profile whose index is kept).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from cache.blobstore import BlobStore
+from cache.chunk import ChunkRef, CorruptChunk, check_frame, digest_of
+from cache.stream import Span, plan_spans
+from indexer import profile as profiles
+from indexer.index import Index, pack_key
+
+# A startup pack is at most this big: large enough that a replay needs a handful of
+# reads, small enough that a failed upload costs little to redo.
+STARTUP_PACK_SIZE = 64 << 20
+# Reading the copies from the image's packs: ranges over gaps up to this, this large.
+READ_GAP = 1 << 20
+READ_RANGE = 16 << 20
+READERS = 8
+
+
+class OptimizeError(Exception):
+    """The profile could not be laid out; the message says why."""
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    profile: profiles.Profile
+    chunks: int  # chunks laid out
+    startup_bytes: int  # bytes of the new startup packs (the extra storage)
+    image_bytes: int  # compressed bytes of the image's own chunks
+    packs: int
+    seconds: float
+    changed: bool  # False: the profile was laid out in this order already
+
+    @property
+    def extra_ratio(self) -> float:
+        return self.startup_bytes / self.image_bytes if self.image_bytes else 0.0
+
+
+def is_laid_out(profile: profiles.Profile) -> bool:
+    """Whether every entry has a copy, back to back in profile order."""
+    prev: tuple[int, int] | None = None
+    for e in profile.entries:
+        if e.pack == profiles.NO_PACK:
+            return False
+        if prev is not None and (e.pack, e.offset) < prev:
+            return False
+        prev = (e.pack, e.offset)
+    return True
+
+
+def _read_frames(store: BlobStore, refs: list[ChunkRef]) -> dict[bytes, bytes]:
+    """The verified zstd frames of ``refs``, read from their packs in merged ranges."""
+    spans = plan_spans(refs, max_range=READ_RANGE, max_gap=READ_GAP, first_range=READ_RANGE)
+
+    def read(s: Span) -> dict[bytes, bytes]:
+        raw = memoryview(store.get_range(s.pack, s.start, s.end - s.start))
+        out: dict[bytes, bytes] = {}
+        for r in s.refs:
+            frame = raw[r.offset - s.start: r.offset - s.start + r.clen]
+            try:
+                if len(frame) != r.clen or check_frame(r.digest, frame, r.ulen) != r.ulen:
+                    raise CorruptChunk(f"{r}: short or wrong size")
+            except CorruptChunk as e:
+                raise OptimizeError(f"{r}: damaged in the store ({e}); not copied") from e
+            out[r.digest] = bytes(frame)
+        return out
+
+    frames: dict[bytes, bytes] = {}
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="optimize-read") as pool:
+        for part in pool.map(read, spans):
+            frames.update(part)
+    return frames
+
+
+def optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, force: bool = False,
+             pack_size: int = STARTUP_PACK_SIZE, on_bytes: Callable[[int], None] | None = None) -> OptimizeResult:
+    """Write startup packs for ``profile`` (of ``index``) and save the laid-out profile.
+
+    The packs are written (and durable) before the profile that names them, so a
+    reader never finds a profile whose packs are missing.
+    """
+    t0 = time.monotonic()
+    profiles.check_against(profile, index)
+    image_bytes = sum(r.clen for r in index.all_chunks())
+    if not force and is_laid_out(profile):
+        return OptimizeResult(profile, len(profile.entries), _startup_bytes(index, profile), image_bytes,
+                              len(profile.packs), time.monotonic() - t0, changed=False)
+    refs = [index.chunk(e.chunk) for e in profile.entries]
+    frames = _read_frames(store, refs)
+    packs: list[bytes] = []
+    entries: list[profiles.Entry] = []
+    parts: list[bytes] = []
+    size = 0
+    written = 0
+
+    def flush() -> None:
+        nonlocal parts, size, written
+        if not parts:
+            return
+        blob = b"".join(parts)
+        d = digest_of(blob)
+        store.put(pack_key(d), blob)
+        written += len(blob)
+        if on_bytes:
+            on_bytes(len(blob))
+        packs.append(d)
+        parts, size = [], 0
+
+    pending: list[tuple[profiles.Entry, int]] = []  # entries of the pack being filled, offsets
+    for e, r in zip(profile.entries, refs):
+        frame = frames[r.digest]
+        if size and size + len(frame) > pack_size:
+            flush()
+            entries.extend(replace(pe, pack=len(packs) - 1, offset=off) for pe, off in pending)
+            pending = []
+        pending.append((e, size))
+        parts.append(frame)
+        size += len(frame)
+    flush()
+    entries.extend(replace(pe, pack=len(packs) - 1, offset=off) for pe, off in pending)
+    laid = replace(profile, entries=tuple(entries), packs=tuple(packs))
+    profiles.save(store, laid)
+    return OptimizeResult(laid, len(entries), written, image_bytes, len(packs), time.monotonic() - t0, changed=True)
+
+
+def _startup_bytes(index: Index, profile: profiles.Profile) -> int:
+    return sum(index.chunk(e.chunk).clen for e in profile.entries if e.pack != profiles.NO_PACK)
+
+
+__all__ = ["optimize", "OptimizeResult", "OptimizeError", "is_laid_out", "STARTUP_PACK_SIZE"]
