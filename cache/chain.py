@@ -33,6 +33,7 @@ The shape follows from the physics in DESIGN.md:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -46,6 +47,7 @@ from cache.chunk import ChunkError, ChunkRef, CorruptChunk, verify
 from cache.memory import MemoryTier
 from cache.ssd import SSDTier
 from cache.stats import ChainStats, Counters, TierStats
+from cache.stream import StreamTracker
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +94,19 @@ class _Flight:
     """One fetch in progress that gets of its digest wait on.
 
     ``primary`` flights were started for this digest by a demand get: their error is
-    the answer. Others (a neighbour in someone's range, a prefetch) may end without
-    data; a waiter then starts a fetch of its own.
+    the answer. Others (a neighbour in someone's range, a prefetch, a stream) may end
+    without data; a waiter then starts a fetch of its own. ``background`` flights
+    belong to a stream (:mod:`cache.stream`), whose tracker counts who joins them.
     """
 
-    __slots__ = ("done", "data", "error", "primary")
+    __slots__ = ("done", "data", "error", "primary", "background")
 
-    def __init__(self, primary: bool) -> None:
+    def __init__(self, primary: bool, background: bool = False) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: ChunkUnavailable | None = None
         self.primary = primary
+        self.background = background
 
 
 class ChunkChain:
@@ -113,7 +117,7 @@ class ChunkChain:
                  max_fetches: int = 16,
                  max_prefetches: int = 4, retries: int = 3, backoff: float = 0.05,
                  remote_timeout: float = 2.0, ssd_readers: int = 8,
-                 max_fill_pending: int = 128 << 20) -> None:
+                 max_fill_pending: int = 128 << 20, max_stream_threads: int = 8) -> None:
         self.blob = blob
         self.ssd = ssd
         self.memory = memory
@@ -127,7 +131,7 @@ class ChunkChain:
         self._prefetch = trio.CapacityLimiter(max_prefetches)
         self._ssd_read = trio.CapacityLimiter(ssd_readers)
         # Our own thread budget: the limiters above bound it, so it never makes anyone wait.
-        self._threads = trio.CapacityLimiter(max_fetches + max_prefetches + ssd_readers + 1)
+        self._threads = trio.CapacityLimiter(max_fetches + max_prefetches + ssd_readers + max_stream_threads + 1)
         self._inflight: dict[bytes, _Flight] = {}
         self._fill_queue: deque[tuple[ChunkRef, bytes]] = deque()
         self._fill_pending: dict[bytes, bytes] = {}
@@ -137,7 +141,15 @@ class ChunkChain:
         self._fill_idle: trio.Event | None = None
         self._remote_counters = {t.name: Counters(t.name) for t in self.remote_tiers}
         self._prefetch_pays = trio.Event()  # see wait_until_prefetch_pays
+        # The tracker of the stream running now (a profile replay), told of every
+        # demand get so that ``imagefs stats`` can say what the stream served.
+        self.tracker: StreamTracker | None = None
         self._gets = self._joined = self._fetches = self._retries = self._unavailable = 0
+        # Demand gets that had to go below memory, and how many are at it now: a
+        # paced prefetch waits while any is (demand reads always go first).
+        self.demand_cold = 0
+        self._demand_active = 0
+        self._demand_idle: trio.Event | None = None
         self._prefetched = self._prefetch_failed = self._fill_dropped = 0
 
     # ---- demand ------------------------------------------------------------------
@@ -148,6 +160,8 @@ class ChunkChain:
         self._gets += 1
         data = self.memory.get(ref)
         if data is not None:
+            if self.tracker is not None:
+                self.tracker.hit(ref.digest)
             return data
         return await self._get_cold(ref, neighbours)
 
@@ -157,9 +171,13 @@ class ChunkChain:
             data = self._fill_pending.get(d)
             if data is not None:
                 self.memory.put(ref, data)
+                if self.tracker is not None:
+                    self.tracker.hit(d)
                 return data
             flight = self._inflight.get(d)
             if flight is None:
+                if self.tracker is not None:
+                    self.tracker.cold(d)
                 flight = self._inflight[d] = _Flight(primary=True)
                 # ``neighbours`` is passed on unevaluated: it may be lazy and costly
                 # (a pack walk), and an SSD hit never needs it.
@@ -167,6 +185,8 @@ class ChunkChain:
                                                 name=f"imagefs fetch {ref.hex[:16]}")
             else:
                 self._joined += 1
+                if flight.background and self.tracker is not None:
+                    self.tracker.joined(d)
             await flight.done.wait()
             if flight.data is not None:
                 return flight.data
@@ -177,6 +197,8 @@ class ChunkChain:
                 return data
 
     async def _run_demand(self, ref: ChunkRef, neighbours: Sequence[ChunkRef], flight: _Flight) -> None:
+        self.demand_cold += 1
+        self._demand_active += 1
         try:
             flight.data = await self._load(ref, neighbours)
         except ChunkUnavailable as e:
@@ -190,6 +212,17 @@ class ChunkChain:
             if self._inflight.get(ref.digest) is flight:
                 del self._inflight[ref.digest]
             flight.done.set()
+            self._demand_active -= 1
+            if not self._demand_active and self._demand_idle is not None:
+                self._demand_idle.set()
+                self._demand_idle = None
+
+    async def wait_for_no_demand(self) -> None:
+        """Return when no demand get is fetching below memory."""
+        while self._demand_active:
+            if self._demand_idle is None:
+                self._demand_idle = trio.Event()
+            await self._demand_idle.wait()
 
     async def _load(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
         # The SSD first, for ref alone: neighbours (lazy, and costly to work out on a
@@ -417,10 +450,14 @@ class ChunkChain:
         if self.remote_tiers:
             await self._prefetch_pays.wait()
 
-    async def prefetch(self, refs: Sequence[ChunkRef]) -> int:
+    async def prefetch(self, refs: Sequence[ChunkRef], *, paced: bool = False) -> int:
         """Bring ``refs`` (in pack order where possible) into the local tiers ahead of
         demand, a few ranged reads at a time; returns how many chunks were fetched.
-        Best effort: failures are counted, not raised. Cancelling stops it cleanly."""
+        Best effort: failures are counted, not raised. Cancelling stops it cleanly.
+
+        ``paced``: one ranged read at a time, and none while a demand get is fetching
+        below memory (the rest of an image after its startup profile: worth having,
+        never worth the workload's CPU or link)."""
         runs: list[list[ChunkRef]] = []
         i = 0
         while i < len(refs):
@@ -428,13 +465,18 @@ class ChunkChain:
             runs.append(run)
             i += len(run)
         before = self._prefetched
+        one_at_a_time = trio.Lock() if paced else None
         async with trio.open_nursery() as nursery:
             for run in runs:
-                nursery.start_soon(self._prefetch_run, run)
+                nursery.start_soon(self._prefetch_run, run, one_at_a_time)
         return self._prefetched - before
 
-    async def _prefetch_run(self, run: list[ChunkRef]) -> None:
-        async with self._prefetch:
+    async def _prefetch_run(self, run: list[ChunkRef], one_at_a_time: trio.Lock | None) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if one_at_a_time is not None:
+                await stack.enter_async_context(one_at_a_time)
+            await stack.enter_async_context(self._prefetch)
+            paced = one_at_a_time is not None
             todo = [r for r in run if not self._held_locally(r.digest)]
             if todo and self.ssd is not None:
                 try:
@@ -447,6 +489,8 @@ class ChunkChain:
                 # Background work waits for write-behind room instead of having its
                 # fills dropped (demand fills never wait, and are dropped when full).
                 await self._wait_for_fill_room()
+                if paced:
+                    await self.wait_for_no_demand()
                 # Re-check and claim right before reading (no await in between).
                 todo = [r for r in todo if not self._held_locally(r.digest)]
                 if not todo:
@@ -472,6 +516,87 @@ class ChunkChain:
                 self._prefetched += n
                 self._prefetch_failed += len(claimed) - n
                 todo = sub[len(claimed):] + todo  # after a duplicate: next round
+
+    # ---- streams (cache.stream): background reads in a given order ------------------
+
+    def held_locally(self, digest: bytes) -> bool:
+        """Whether ``digest`` is in memory, queued for the SSD, or on its way."""
+        return self._held_locally(digest)
+
+    async def ssd_holds(self, refs: Sequence[ChunkRef]) -> set[bytes]:
+        """Which of ``refs`` the SSD tier holds (none without one)."""
+        if self.ssd is None or not refs:
+            return set()
+        return await trio.to_thread.run_sync(self._ssd_holds, refs, limiter=self._threads)
+
+    async def load_from_ssd(self, refs: Sequence[ChunkRef]) -> list[bytes]:
+        """Read ``refs`` from the SSD tier into memory (one worker thread, in order);
+        the digests that were there and good."""
+        if self.ssd is None:
+            return []
+        todo = [r for r in refs if not self._held_locally(r.digest)]
+        got = await trio.to_thread.run_sync(lambda: [(r, self._ssd_get(r)) for r in todo], limiter=self._threads)
+        out = []
+        for r, data in got:
+            if data is not None:
+                self.memory.put(r, data)
+                out.append(r.digest)
+        return out
+
+    def claim_background(self, refs: Sequence[ChunkRef]) -> list[tuple[ChunkRef, _Flight]]:
+        """Mark as in flight, for a stream, those of ``refs`` nobody holds or fetches.
+        Call right before reading them (no await in between) and always
+        :meth:`settle_background` the result."""
+        claimed: list[tuple[ChunkRef, _Flight]] = []
+        for r in refs:
+            if self._held_locally(r.digest):
+                continue
+            f = self._inflight[r.digest] = _Flight(primary=False, background=True)
+            claimed.append((r, f))
+        return claimed
+
+    def settle_background(self, claimed: Sequence[tuple[ChunkRef, _Flight]], got: dict[bytes, bytes]) -> None:
+        """Fill what a stream's read brought and release whoever waits on its chunks."""
+        self._settle(claimed, got, may_drop=False)
+        self._prefetched += sum(1 for r, _f in claimed if r.digest in got)
+
+    async def wait_for_fill_room(self) -> None:
+        """Wait until the SSD write-behind queue has room (background work only)."""
+        await self._wait_for_fill_room()
+
+    async def fetch_span_below(self, refs: Sequence[ChunkRef]) -> tuple[dict[bytes, bytes], int, int]:
+        """Fetch ``refs`` (one pack, offset order) for a stream: from the remote tiers
+        first, as background requests, then what they lack with one ranged blob read
+        (retried once). Returns (chunks, compressed bytes moved, requests made)."""
+        got: dict[bytes, bytes] = {}
+        moved = requests = 0
+        for tier in self.remote_tiers:
+            want = [r for r in refs if r.digest not in got]
+            if not want:
+                break
+            more = await self._ask_remote(tier, want, True)
+            requests += 1
+            moved += sum(r.clen for r in want if r.digest in more)
+            got.update(more)
+        rest = [r for r in refs if r.digest not in got]
+        if rest:
+            if self.remote_tiers:
+                self._prefetch_pays.set()  # the zone's cache lacks some of the image
+            self._fetches += 1
+            for attempt in range(2):
+                try:
+                    more, nbytes = await trio.to_thread.run_sync(self.blob.fetch_span, rest, limiter=self._threads)
+                except (BlobStoreError, OSError) as e:
+                    if attempt:
+                        raise ChunkUnavailable(rest[0], f"blob store: {e}") from e
+                    self._retries += 1
+                    await trio.sleep(self.backoff)
+                    continue
+                requests += 1
+                moved += nbytes
+                got.update(more)
+                break
+        return got, moved, requests
 
     # ---- statistics --------------------------------------------------------------
 
