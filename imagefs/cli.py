@@ -34,7 +34,7 @@ COMMANDS = {
     "index": "imagefs.cli_index", "images": "imagefs.cli_index", "inspect": "imagefs.cli_index",
     "mount": "imagefs.cli_mount", "umount": "imagefs.cli_mount", "unmount": "imagefs.cli_mount",
     "stats": "imagefs.cli_mount", "agent": "imagefs.cli_agent", "run": "imagefs.cli_run",
-    "cache-server": "imagefs.cli_cache_server",
+    "cache-server": "imagefs.cli_cache_server", "profile": "imagefs.cli_profile", "optimize": "imagefs.cli_profile",
 }
 
 

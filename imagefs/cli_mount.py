@@ -32,19 +32,42 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="bound of the SSD cache, e.g. 10G or 512M; 0 disables it (default: 10G)")
     g.add_argument("--memory-size", metavar="SIZE", type=size_arg, default=None,
                    help="bound of the in-memory chunk cache of one mount (default: 512M)")
+    g.add_argument("--read-ahead", metavar="KB", type=int, default=None,
+                   help="the kernel's readahead window for the mount, in KiB (also the window read around a "
+                   "page fault in a mapped file; default: see imagefs/readahead.py)")
     g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
                    help="a cache server in this zone (repeatable)")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
-                   help="fetch only what is read; by default the image's chunks are brought to the SSD "
-                   "cache in the background, in layout order, after what readers ask for (with --az-cache, "
-                   "only once a read has had to go past the zone's cache to the store)")
+                   help="do not fetch the rest of the image in the background; by default the image's chunks "
+                   "are brought to the SSD cache in layout order, after what readers ask for (with a startup "
+                   "profile: only once the workload is quiet, one read at a time; with --az-cache: only once "
+                   "a read has had to go past the zone's cache to the store)")
+    g = p.add_argument_group("startup profiles")
+    g.add_argument("--no-replay", dest="replay", action="store_false",
+                   help="do not stream the image's startup profile at mount (by default, when the image has "
+                   "one, the chunks its workload read first are streamed in that order as the mount starts)")
+    g.add_argument("--record", action="store_true",
+                   help="record what this mount's readers read first and save it as (part of) the image's "
+                   "startup profile in the store, so that later cold starts stream it")
+    g.add_argument("--record-quiet", metavar="SECONDS", type=float, default=10.0,
+                   help="stop recording once nothing new has been read for this long (default: 10)")
+    g.add_argument("--record-max", metavar="SECONDS", type=float, default=300.0,
+                   help="stop recording this long after the mount at the latest (default: 300)")
+    g.add_argument("--record-replace", dest="record_merge", action="store_false",
+                   help="replace the image's profile with this recording (default: merge into it)")
 
 
 def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
     from imagefs.mount import MountOptions
 
     opts = MountOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,
-                        az_cache=list(args.az_cache or []), prefetch=args.prefetch)
+                        az_cache=list(args.az_cache or []), prefetch=args.prefetch, replay=args.replay,
+                        record=args.record, record_quiet_s=args.record_quiet, record_max_s=args.record_max,
+                        record_merge=args.record_merge, read_ahead_kb=args.read_ahead)
+    if opts.record_quiet_s <= 0 or opts.record_max_s <= 0:
+        from imagefs.cli import CLIError
+
+        raise CLIError("--record-quiet and --record-max must be positive numbers of seconds", code=2)
     if args.cache_size is not None:
         opts.cache_size = args.cache_size
     if args.memory_size is not None:
@@ -144,8 +167,21 @@ def format_stats(stats: dict[str, Any]) -> str:
         rest = {k: v for k, v in cache.items() if k != "tiers" and v}
         if rest:
             lines.append("chain: " + ", ".join(f"{k} {v}" for k, v in rest.items()))
+    rp = stats.get("replay")
+    if rp and rp.get("state") != "off":
+        detail = ""
+        if rp.get("planned"):
+            detail = (f": {rp['planned']} chunks planned, {rp['fetched']} fetched, {rp['held']} already held, "
+                      f"{rp['failed']} failed; served {rp['served']} first reads, missed {rp['missed']}; "
+                      f"{rp['bytes'] / (1 << 20):.1f} MiB in {rp['requests']} requests")
+        elif rp.get("reason"):
+            detail = f": {rp['reason']}"
+        lines.append(f"replay: {rp['state']}{detail}")
     pf = stats.get("prefetch")
     if pf:
         counts = f": {pf.get('fetched', 0)} of {pf.get('planned', 0)} planned chunks fetched" if pf.get("planned") else ""
         lines.append(f"prefetch: {pf['state']}{counts}")
+    rec = stats.get("record")
+    if rec:
+        lines.append(f"record: {rec['state']}, {rec['chunks']} chunks" + (f"; {rec['saved']}" if rec.get("saved") else ""))
     return "\n".join(lines)

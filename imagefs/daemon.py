@@ -128,7 +128,14 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
     from imagefs.fuse_ops import FuseOps
     from imagefs.vfs import VFS
 
-    ops = FuseOps(VFS(index, reader, name=image), fault=fault_hook_from_env())
+    vfs = VFS(index, reader, name=image)
+    recorder = None
+    if opts.record:
+        from imagefs.recorder import Recorder
+
+        # Attached before the loop starts: no read may be missed.
+        recorder = vfs.recorder = Recorder(index, quiet_s=opts.record_quiet_s, max_s=opts.record_max_s)
+    ops = FuseOps(vfs, fault=fault_hook_from_env())
     # From pyfuse3.init on, nothing on this thread may touch the mountpoint (not even
     # realpath): the kernel would wait for the loop this thread has not started yet.
     paths = RunPaths.of(mp)
@@ -143,13 +150,16 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
         raise err from e
     # Prefetch into the SSD tier only, and never more than half of it.
     budget = opts.cache_size // 2 if (opts.prefetch and ssd is not None) else 0
-    daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget)
+    daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget,
+                     store=store, replay=opts.replay, recorder=recorder, record_merge=opts.record_merge,
+                     read_ahead_kb=opts.read_ahead_kb)
     try:
         trio.run(daemon.run)
     finally:
         # Unmount unless someone already did (fusermount3 -u): asking twice only
         # makes libfuse print an error. mountinfo is read without touching the mount.
         pyfuse3.close(unmount=mounted_at(mp))
+        daemon.save_recording("unmounted")
         daemon.cleanup()
         if ssd is not None:
             ssd.close()
@@ -161,10 +171,19 @@ class _Daemon:
     """The trio side of a mount: the FUSE loop, signals, stats and the readiness probe."""
 
     def __init__(self, image: str, digest: str, paths: RunPaths, ops: Any, reader: Any,
-                 ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0) -> None:
+                 ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0, store: Any = None,
+                 replay: bool = False, recorder: Any = None, record_merge: bool = True,
+                 read_ahead_kb: int | None = None) -> None:
+        self.read_ahead_kb = read_ahead_kb
         self.index = index
+        self.store = store
         self.prefetch_budget = prefetch_budget
         self.prefetch_progress: Any = None  # an imagefs.prefetch.Progress while prefetch is on
+        self.replay_status: Any = None  # an imagefs.replay.ReplayStatus while a replay is on
+        self.replay = replay and store is not None and index is not None
+        self.recorder = recorder  # an imagefs.recorder.Recorder while recording
+        self.record_merge = record_merge
+        self.record_saved: str | None = None  # what became of the recording
         self.ready: Any = None  # a trio.Event, made inside the loop
         self.image = image
         self.digest = digest
@@ -193,8 +212,10 @@ class _Daemon:
                 await nursery.start(self._signals)
             await nursery.start(self._stats_server)
             nursery.start_soon(self._become_ready)
-            if self.prefetch_budget > 0 and self.index is not None:
-                nursery.start_soon(self._prefetch)
+            if (self.prefetch_budget > 0 or self.replay) and self.index is not None:
+                nursery.start_soon(self._background)
+            if self.recorder is not None:
+                nursery.start_soon(self._record)
         # Unmounted: finish the SSD write-behind so the next mount finds what this one fetched.
         aclose = getattr(self.reader, "aclose", None)
         if aclose is not None:
@@ -203,27 +224,72 @@ class _Daemon:
             if scope.cancelled_caught:
                 log.warning("gave up writing the SSD cache after 30 s")
 
-    async def _prefetch(self) -> None:
-        from imagefs.prefetch import Progress, prefetch_image
+    async def _background(self) -> None:
+        from imagefs.prefetch import Progress, run_background
+        from imagefs.replay import ReplayStatus
 
-        progress = self.prefetch_progress = Progress()
-        await self.ready.wait()  # the mount answers first; prefetch never delays that
+        progress = self.prefetch_progress = Progress() if self.prefetch_budget > 0 else None
+        status = self.replay_status = ReplayStatus() if self.replay else None
         try:
-            await prefetch_image(self.index, self.reader, self.prefetch_budget, progress)
-        except Exception:  # prefetch is an optimisation: it must never take the mount down
-            progress.state = "failed"
-            log.exception("prefetch failed")
+            await run_background(self.index, self.reader, self.store, ready=self.ready, replay_status=status,
+                                 progress=progress, budget=self.prefetch_budget)
+        except Exception:  # background fetching is an optimisation: it must never take the mount down
+            for s in (progress, status):
+                if s is not None and s.state not in ("done", "none", "refused"):
+                    s.state = "failed"
+            log.exception("background fetching failed")
+
+    async def _record(self) -> None:
+        import trio
+
+        while self.recorder.due() is None:
+            await trio.sleep(0.5)
+        reason = self.recorder.due()
+        self.recorder.stop(reason)
+        await trio.to_thread.run_sync(self.save_recording, reason)
+
+    def save_recording(self, reason: str) -> None:
+        """Stop recording (if still on) and write the profile to the store, merged into
+        the image's profile unless asked to replace it. Never raises: a profile that
+        cannot be written costs the next start its speed, not this mount."""
+        if self.recorder is None or self.record_saved is not None:
+            return
+        from indexer import profile as profiles
+
+        self.recorder.stop(reason)
+        recorded = self.recorder.profile()
+        try:
+            if not recorded.entries:
+                self.record_saved = "nothing read"
+                return
+            new = recorded
+            if self.record_merge:
+                try:
+                    old = profiles.load(self.store, self.index)
+                except profiles.ProfileError as e:
+                    log.warning("replacing the image's unusable profile: %s", e)
+                    old = None
+                if old is not None:
+                    new = profiles.merge([old, recorded])
+            profiles.save(self.store, new)
+            self.record_saved = f"saved {len(recorded.entries)} chunks ({len(new.entries)} in the profile)"
+            log.info("startup profile of %s: recorded %d chunks (%s), profile has %d from %d recording(s)",
+                     self.digest, len(recorded.entries), reason, len(new.entries), new.recordings)
+        except Exception as e:
+            self.record_saved = f"not saved: {e}"
+            log.error("startup profile of %s not saved: %s", self.digest, e)
 
     async def _become_ready(self) -> None:
         import trio
 
-        from imagefs.readahead import set_read_ahead_kb
+        from imagefs.readahead import DEFAULT_READ_AHEAD_KB, set_read_ahead_kb
 
         def probe() -> None:
             st = os.stat(self.paths.mountpoint)  # a round trip through the kernel and our loop
             if st.st_ino != 1:
                 raise OSError(errno.EIO, f"mountpoint answered with inode {st.st_ino}")
-            set_read_ahead_kb(self.paths.mountpoint)
+            kb = DEFAULT_READ_AHEAD_KB if self.read_ahead_kb is None else self.read_ahead_kb
+            set_read_ahead_kb(self.paths.mountpoint, kb)
 
         try:
             await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
@@ -293,6 +359,9 @@ class _Daemon:
         if stats is not None:
             out["cache"] = stats().as_dict()
         out["prefetch"] = self.prefetch_progress.as_dict() if self.prefetch_progress is not None else {"state": "off"}
+        out["replay"] = self.replay_status.as_dict() if self.replay_status is not None else {"state": "off"}
+        if self.recorder is not None:
+            out["record"] = {**self.recorder.as_dict(), **({"saved": self.record_saved} if self.record_saved else {})}
         return out
 
     def _write_record(self) -> None:

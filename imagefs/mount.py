@@ -89,11 +89,13 @@ class MountOptions:
     see the module docstring.)
     """
 
-    __slots__ = ("store", "s3_endpoint", "cache_dir", "cache_size", "memory_size", "az_cache", "prefetch")
+    __slots__ = ("store", "s3_endpoint", "cache_dir", "cache_size", "memory_size", "az_cache", "prefetch",
+                 "replay", "record", "record_quiet_s", "record_max_s", "record_merge", "read_ahead_kb")
 
     def __init__(self, store: str | None = None, s3_endpoint: str | None = None, cache_dir: str | None = None,
                  cache_size: int = 10 * GiB, memory_size: int = 512 * MiB, az_cache: list[str] | None = None,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, replay: bool = True, record: bool = False, record_quiet_s: float = 10.0,
+                 record_max_s: float = 300.0, record_merge: bool = True, read_ahead_kb: int | None = None) -> None:
         self.store = store
         self.s3_endpoint = s3_endpoint
         self.cache_dir = cache_dir
@@ -101,6 +103,12 @@ class MountOptions:
         self.memory_size = memory_size
         self.az_cache: list[str] = list(az_cache or [])
         self.prefetch = prefetch  # bring the image's chunks to the SSD tier in the background
+        self.replay = replay  # stream the image's startup profile at mount, if it has one
+        self.record = record  # record a startup profile and save it to the store
+        self.record_quiet_s = record_quiet_s  # ... until nothing new is read for this long
+        self.record_max_s = record_max_s  # ... or this long after the mount at most
+        self.record_merge = record_merge  # merge into the image's profile (False: replace it)
+        self.read_ahead_kb = read_ahead_kb  # the kernel's readahead window (None: imagefs.readahead's default)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -1,11 +1,17 @@
-"""Background prefetch: bring an image's chunks to the host while it starts.
+"""Background fetching: what a mount brings to the host besides what its readers ask for.
 
-A cold container reads files one after another, and each miss costs a blob-store
-round trip (~200 ms in the cloud). Prefetching the image in pack order (tree order)
-with a few ranged reads in flight turns those round trips into a stream that runs
-ahead of the workload; the chain serves demand reads first, so prefetch only uses
-what demand leaves. Without a profile every chunk is a candidate, in layout order,
-up to a budget (a share of the SSD tier, so prefetch never evicts what it fetched).
+The policy, in order:
+
+1. **The startup profile** (:mod:`imagefs.replay`), when the image has one: exactly the
+   chunks its workload read first, streamed in that order from the moment the daemon
+   starts.
+2. **The rest of the image**, up to a budget (a share of the SSD tier, so prefetch
+   never evicts what it fetched), in pack order. After a profile it is worth having but
+   never worth the workload's CPU or link: it starts once no demand read has gone below
+   memory for a quiet period, reads one range at a time, and pauses whenever a demand
+   read is fetching. Without a profile it is what hides the blob store's round trips
+   from a cold workload that reads files one after another, so it starts as soon as
+   the mount answers and runs a few ranged reads at once (today's first start).
 
 With an AZ cache the prefetch stands by until a fetch has to go past the zone's
 cache to the blob store, or the zone's cache says it read chunks through
@@ -17,6 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Container
+
+import trio
 
 from cache.chain import ChunkChain
 from cache.chunk import ChunkRef
@@ -25,11 +34,14 @@ from indexer.index import Index
 log = logging.getLogger(__name__)
 
 
-def plan(index: Index, budget: int) -> list[ChunkRef]:
-    """The chunks to prefetch, in chunk-table (pack) order, within ``budget`` compressed bytes."""
+def plan(index: Index, budget: int, exclude: Container[bytes] = ()) -> list[ChunkRef]:
+    """The chunks to prefetch, in chunk-table (pack) order, within ``budget`` compressed
+    bytes, leaving out the digests in ``exclude``."""
     refs: list[ChunkRef] = []
     total = 0
     for ref in index.all_chunks():
+        if ref.digest in exclude:
+            continue
         if total + ref.clen > budget:
             break
         refs.append(ref)
@@ -55,22 +67,55 @@ class Progress:
         return {"state": self.state, "planned": self.planned, "fetched": self.fetched}
 
 
-async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress: Progress | None = None) -> int:
-    """Prefetch ``index``'s chunks into the local tiers; returns how many were fetched."""
-    import trio
-
+async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress: Progress | None = None, *,
+                         paced: bool = False, exclude: Container[bytes] = ()) -> int:
+    """Prefetch ``index``'s chunks (but ``exclude``) into the local tiers; returns how
+    many were fetched. ``paced``: see :meth:`cache.chain.ChunkChain.prefetch`."""
     progress = progress or Progress()
     progress.state = "standby"
     await chain.wait_until_prefetch_pays()
     progress.state = "running"
-    refs = await trio.to_thread.run_sync(plan, index, budget)  # ~50 ms for 30k chunks: off the loop
+    refs = await trio.to_thread.run_sync(plan, index, budget, exclude)  # ~50 ms for 30k chunks: off the loop
     progress.planned = len(refs)
     if not refs:
         progress.state = "done"
         return 0
     start = time.monotonic()
-    fetched = progress.fetched = await chain.prefetch(refs)
+    fetched = progress.fetched = await chain.prefetch(refs, paced=paced)
     progress.state = "done"
     log.info("prefetched %d of %d chunks (%.1f MiB compressed planned) in %.1f s", fetched, len(refs),
              sum(r.clen for r in refs) / (1 << 20), time.monotonic() - start)
     return fetched
+
+
+async def wait_until_quiet(chain: ChunkChain, quiet_s: float, poll: float = 0.25) -> None:
+    """Return once no demand read has gone below memory for ``quiet_s`` seconds."""
+    seen, since = chain.demand_cold, trio.current_time()
+    while True:
+        await trio.sleep(poll)
+        if chain.demand_cold != seen or chain._demand_active:
+            seen, since = chain.demand_cold, trio.current_time()
+        elif trio.current_time() - since >= quiet_s:
+            return
+
+
+async def run_background(index: Index, chain: ChunkChain, store: Any, *, ready: trio.Event,
+                         replay_status: Any = None, progress: Progress | None = None, budget: int = 0,
+                         quiet_s: float = 5.0) -> None:
+    """The policy of the module docstring. ``replay_status`` (an
+    :class:`imagefs.replay.ReplayStatus`) turns the profile replay on; ``progress``
+    with a ``budget`` the prefetch of the rest."""
+    from imagefs import replay
+
+    profiled = False
+    if replay_status is not None:
+        profiled = await replay.replay(store, index, chain, replay_status)
+    if progress is None or budget <= 0:
+        return
+    if not profiled:
+        await ready.wait()  # the mount answers first; prefetch never delays that
+        await prefetch_image(index, chain, budget, progress)
+        return
+    progress.state = "waiting for quiet"
+    await wait_until_quiet(chain, quiet_s)
+    await prefetch_image(index, chain, budget, progress, paced=True)  # what the replay brought is skipped

@@ -121,6 +121,32 @@ def _release(users_fd: int, users_path: str, mountpoint: str) -> None:
 
 
 @contextlib.contextmanager
+def private_image_mount(digest: str, mountpoint: str, opts: "MountOptions", timings: Timings) -> Iterator[str]:
+    """A mount of ``digest`` for one container only (``imagefs profile`` and ``run
+    --record``: a recording must see every first read, so it cannot share a mount whose
+    page cache other containers have warmed). Unmounted when the container is done."""
+    from imagefs.mount import is_imagefs_mount, start_mount, unmount
+
+    os.makedirs(mountpoint, exist_ok=True)
+    t0 = time.monotonic()
+    start_mount(digest, mountpoint, opts)
+    timings.mount_s = time.monotonic() - t0
+    try:
+        yield mountpoint
+    finally:
+        try:
+            if is_imagefs_mount(mountpoint):
+                unmount(mountpoint, timeout=60.0)  # a recording is saved as the daemon exits
+        except Exception as e:  # cleanup must not mask the container's status
+            log.warning("could not unmount %s: %s", mountpoint, e)
+
+
+def private_mountpoint(cid: str) -> str:
+    """Where a container's private image mount is (see :func:`private_image_mount`)."""
+    return os.path.join(CONTAINERS_DIR, cid, "image")
+
+
+@contextlib.contextmanager
 def overlay(lower: str, workdir: str) -> Iterator[str]:
     """A writable overlayfs over the read-only image mount, removed afterwards."""
     upper, work, merged = (os.path.join(workdir, d) for d in ("upper", "work", "rootfs"))
@@ -158,8 +184,12 @@ def _watch_start(pid_file: str, t0: float, timings: Timings, done: threading.Eve
         time.sleep(0.001)
 
 
-def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | None = None) -> tuple[int, Timings]:
-    """Run one container to completion; returns (exit status, timings)."""
+def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | None = None, *,
+                  private_mount: bool = False) -> tuple[int, Timings]:
+    """Run one container to completion; returns (exit status, timings).
+
+    ``private_mount`` (implied by ``opts.record``): the container gets a mount of its
+    own instead of the host's shared mount of the image."""
     from cache.stores import open_store
     from imagefs.index_cache import load_index
 
@@ -178,7 +208,11 @@ def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | N
     os.makedirs(bundle)
     status = 1
     try:
-        with shared_image_mount(image, digest, opts, timings) as lower, overlay(lower, bundle) as rootfs:
+        if private_mount or opts.record:
+            mounted = private_image_mount(digest, private_mountpoint(cid), opts, timings)
+        else:
+            mounted = shared_image_mount(image, digest, opts, timings)
+        with mounted as lower, overlay(lower, bundle) as rootfs:
             config = runtime_config(runc_base_spec(bundle), image_cfg, spec, rootfs, lower)
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(config, f, indent=1)

@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Sequence, overload
+from typing import TYPE_CHECKING, Iterator, Sequence, overload
 
 import trio
 
@@ -31,6 +31,9 @@ from cache.chunk import ChunkRef
 from cache.tier import ChunkReader
 from indexer.index import ROOT_INO, Index
 from indexer.tree import NAME_MAX
+
+if TYPE_CHECKING:
+    from imagefs.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,8 @@ class VFS:
         self.name = name or index.digest or "image"
         self.neighbour_window = max(0, neighbour_window)
         self._statfs: StatFS | None = None
+        # An imagefs.recorder.Recorder while the mount records a startup profile.
+        self.recorder: Recorder | None = None
 
     # -- attributes ------------------------------------------------------------------
 
@@ -272,6 +277,8 @@ class VFS:
         size = min(size, node.size - offset)
         if size <= 0:
             return b""
+        if self.recorder is not None:
+            self.recorder.saw(ino, offset, size)
         spans = self.index.chunks_for_range(ino, offset, size)
         if not spans:
             return b""

@@ -1,0 +1,86 @@
+"""Replay an image's startup profile at mount: stream what the workload will read first.
+
+The profile (:mod:`indexer.profile`) lists the chunks a recorded run of the workload
+read, in first-access order, and where startup packs hold copies of them in that order.
+At mount the daemon fetches the profile (one round trip, alongside the mount becoming
+ready, never before it), checks it against the mounted index, and streams its chunks
+into the memory and SSD tiers (:func:`cache.stream.stream_chunks`): a few large ranged
+reads in flight, through the zone's cache server when there is one. Container start
+never waits for it; a demand read of a chunk on its way joins it, one of a chunk not
+reached yet fetches it at once.
+
+A profile that cannot be used (damaged, recorded on another index, naming chunks the
+index lacks, or a store that fails) is logged and skipped: the mount works as if the
+image had none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from cache.chain import ChunkChain
+from cache.stream import StreamTracker, stream_chunks
+from indexer import profile as profiles
+from indexer.index import Index
+
+log = logging.getLogger(__name__)
+
+
+class ReplayStatus(StreamTracker):
+    """A stream tracker that also says what happened before the stream: ``state`` is
+    ``loading``, ``none`` (the image has no profile), ``refused`` (``reason`` says why),
+    then the stream's ``running`` and ``done``."""
+
+    __slots__ = ("reason", "seconds")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = "loading"
+        self.reason = ""
+        self.seconds = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        d = super().as_dict()
+        if self.reason:
+            d["reason"] = self.reason
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+def load_profile(store: Any, index: Index, status: ReplayStatus) -> profiles.Profile | None:
+    """(worker thread) The image's usable profile, or None with ``status`` saying why."""
+    try:
+        found = profiles.load(store, index)
+    except profiles.ProfileError as e:
+        status.state, status.reason = "refused", str(e)
+        log.warning("startup profile not used: %s", e)
+        return None
+    except Exception as e:  # a store that fails: the mount goes on without
+        status.state, status.reason = "refused", f"cannot read it: {e}"
+        log.warning("startup profile of %s not read: %r", index.digest, e)
+        return None
+    if found is None:
+        status.state = "none"
+    return found
+
+
+async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStatus) -> bool:
+    """Stream ``index``'s startup profile into ``chain``'s local tiers; True if there was
+    one to stream (whether or not every chunk came)."""
+    t0 = time.monotonic()
+    found = await trio.to_thread.run_sync(load_profile, store, index, status)
+    if found is None:
+        return False
+    refs = profiles.replay_refs(found, index)
+    status.plan(r.digest for r in refs)
+    chain.tracker = status
+    await stream_chunks(chain, refs, status)
+    status.seconds = time.monotonic() - t0
+    log.info("replayed the startup profile: %d chunks planned, %d fetched, %d held, %d failed, %.1f MiB in "
+             "%d requests, %.2f s", status.planned, status.fetched, status.held, status.failed,
+             status.bytes / (1 << 20), status.requests, status.seconds)
+    return True
