@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import netem, report, scenarios, services
+from bench import netem, profiled, report, scenarios, services
 from bench.scenarios import Context, ImageAssets, RunResult, Workload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,7 +310,19 @@ def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence
                 slow.add((r.image, r.workload, r.scenario))
                 log(f"  (over {slow_s:.0f}s: not repeated)")
 
-    if "imagefs-az" in wanted and ctx.az is not None:
+    recorded: dict[tuple[str, str], profiled.RecordedProfile] = {}
+    if set(wanted) & set(profiled.SCENARIOS):
+        for name, wl in combos:
+            try:
+                recorded[(name, wl.name)] = p = profiled.record(ctx, assets[name], wl)
+                log(f"{name}: recorded the profile of {wl.name}: {p.chunks} chunks, {p.bytes / (1 << 20):.1f} MiB "
+                    f"({p.compressed_bytes / (1 << 20):.1f} MiB stored) in {p.seconds:.1f}s; {p.optimize_note}")
+            except scenarios.ScenarioError as e:
+                log(f"{name}: recording the profile of {wl.name} failed: {e}")
+        ctx.settings["profiles"] = [p.to_dict() for p in recorded.values()]
+    workload_order = [w.name for w in workloads]
+
+    if ("imagefs-az" in wanted or "imagefs-az-profiled" in wanted) and ctx.az is not None:
         for name in assets:  # warm with the heaviest workload: the others read a subset of it
             wl = [w for w in workloads if w.applies_to(name)][-1]
             warm = scenarios.run_imagefs_az(ctx, assets[name], wl, -1, warmup=True)
@@ -341,6 +353,12 @@ def run_matrix(ctx: Context, assets: dict[str, ImageAssets], workloads: Sequence
                         keep(scenarios.run_imagefs_chain(ctx, img, wl, rep, wanted, cache_dir, run_cold))
                 elif sc == "imagefs-az":
                     keep([scenarios.run_imagefs_az(ctx, img, wl, rep)])
+                elif sc in ("imagefs-profiled", "imagefs-az-profiled"):
+                    keep([profiled.run(ctx, sc, img, wl, rep, recorded.get((name, wl.name)))])
+                elif sc == "imagefs-otherprofile":
+                    other = profiled.other_profile(recorded, name, wl.name, workload_order)
+                    if other is not None:
+                        keep([profiled.run(ctx, sc, img, wl, rep, other)])
                 elif sc == "squashfuse":
                     keep([scenarios.run_squashfuse(ctx, img, wl, rep)])
                 elif sc == "casync":
@@ -390,7 +408,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--code", choices=("head", "worktree"), default="head",
                    help="imagefs code to measure: an export of the committed HEAD (default: edits made to "
                    "the checkout during the run cannot leak in) or the working tree as it is")
-    p.add_argument("--no-record", action="store_true", help="do not add the run to bench/RESULTS.md")
+    p.add_argument("--mount-args", default="", help="extra options for every `imagefs mount` of the run, "
+                   "e.g. '--read-ahead 128' (an A/B of a mount option; the settings line says so)")
+    p.add_argument("--no-record", action="store_true", help="do not add the run to bench/RESULTS.md, and write "
+                   "its results to the work directory instead of bench/results")
     args = p.parse_args(argv)
     args.images = [x for x in (args.images or ("numpy" if args.quick else "numpy,torch")).split(",") if x]
     if args.workloads is None and args.quick:
@@ -501,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wanted = [s for s in scenarios.SCENARIOS if s in args.scenarios]
             skipped: dict[str, str] = {}
             az_proxy = None
-            if "imagefs-az" in wanted:
+            if "imagefs-az" in wanted or "imagefs-az-profiled" in wanted:
                 if has_cache_server():
                     cs = services.start_cache_server(ns_az, rundir / "cache-server", port=CACHE_PORT,
                                                      store=f"s3://{services.S3_BUCKET}",
@@ -513,9 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                           rundir=rundir / "proxies")
                     stack.callback(az_proxy.stop)
                 else:
-                    skipped["imagefs-az"] = "`imagefs cache-server` is not available in this checkout"
-                    wanted.remove("imagefs-az")
-                    log("skipping imagefs-az: " + skipped["imagefs-az"])
+                    for sc in ("imagefs-az", "imagefs-az-profiled"):
+                        if sc in wanted:
+                            skipped[sc] = "`imagefs cache-server` is not available in this checkout"
+                            wanted.remove(sc)
+                            log(f"skipping {sc}: " + skipped[sc])
 
             from imagefs.run import runc_base_spec
 
@@ -527,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           registry_host=f"{blob_link.b.addr}:{REGISTRY_PORT}",
                           casync_url=f"http://{blob_link.b.addr}:{CASYNC_PORT}",
                           az_address=f"{az_link.b.addr}:{CACHE_PORT}" if az_proxy else None,
-                          runc_base=runc_base, run_timeout_s=args.run_timeout, peer_timeout_s=args.peer_timeout)
+                          runc_base=runc_base, run_timeout_s=args.run_timeout, peer_timeout_s=args.peer_timeout,
+                          mount_args=tuple(shlex.split(args.mount_args)))
             workloads = [w for w in scenarios.WORKLOADS if w.name in args.workloads]
             settings = {
                 "blob_latency_ms": blob_ms, "az_latency_ms": az_ms, "one_way_ms": ow, "bandwidth_mbit": bw,
@@ -535,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workloads": {w.name: list(w.argv) for w in workloads}, "scenarios": wanted, "skipped": skipped,
                 "run_timeout_s": args.run_timeout, "peer_timeout_s": args.peer_timeout, "budget_s": args.budget,
                 "slow_s": args.slow, "code": args.code,
-                "az_cache_size": args.az_cache_size, "agent": args.agent,
+                "az_cache_size": args.az_cache_size, "agent": args.agent, "mount_args": args.mount_args,
                 "links": {"blob": f"host {blob_link.a.addr} <-> {blob_link.b.addr} (SeaweedFS S3, registry, casync store)",
                           "az": f"host {az_link.a.addr} <-> {az_link.b.addr} (imagefs cache-server)",
                           "az-blob": f"{az_blob.a.addr} <-> {az_blob.b.addr} (cache server to blob store)"},
@@ -568,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
            "machine": machine_info(code_name), "settings": settings, "images": images_info,
            "runs": [r.to_dict() for r in runs], "warmups": [r.to_dict() for r in warmups]}
     doc["summary"] = report.summarize(doc["runs"], scenarios.SCENARIOS, [w.name for w in scenarios.WORKLOADS])
-    write_outputs(doc, "quick" if args.quick else "full", record=not args.no_record)
+    write_outputs(doc, "quick" if args.quick else "full", record=not args.no_record,
+                  results_dir=RESULTS_DIR if not args.no_record else work / "unrecorded")
     return 0 if all(r.ok for r in runs) else 1
 
 
@@ -578,9 +603,9 @@ def runs_label(summary: Sequence[dict[str, Any]]) -> str:
     return f"{n} run(s) per scenario"
 
 
-def write_outputs(doc: dict[str, Any], kind: str, record: bool) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"coldstart-{kind}"
+def write_outputs(doc: dict[str, Any], kind: str, record: bool, results_dir: Path = RESULTS_DIR) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"coldstart-{kind}"
     report.write_json(doc, stem.with_suffix(".json"))
     s = doc["settings"]
     title = (f"Cold start ({kind}), {doc['started'][:16]}, {doc['machine'].get('cpus')} CPUs\n"

@@ -16,6 +16,8 @@ imagefs-az      as cold, plus ``--az-cache`` to a cache server that already hold
                 the chunks (warmed by one unmeasured run); fresh SSD dir, caches dropped
 imagefs-ssd     a new mount on the SSD cache the cold run filled; page cache dropped
 imagefs-page    a second container on the still-mounted ssd run (kernel page cache warm)
+imagefs-*profile*  with a startup profile: see bench/profiled.py (the runs above mount
+                with ``--no-replay``: a first start ever)
 squashfuse      squashfuse over a local zstd squashfs of the same rootfs (a FUSE
                 reference without any network); page cache dropped
 casync          ``casync mount`` of a .caidx whose chunk store is served over HTTP
@@ -56,7 +58,8 @@ IO_TAG = "__bench_io__"
 _IO_WRAPPER = ('"$@"; rc=$?; while read -r k v; do echo "' + IO_TAG + ' $k $v" >&2; done < /proc/$$/io; '
                'exit $rc')
 
-SCENARIOS = ("baseline", "imagefs-cold", "imagefs-az", "imagefs-ssd", "imagefs-page", "squashfuse", "casync")
+SCENARIOS = ("baseline", "imagefs-cold", "imagefs-az", "imagefs-ssd", "imagefs-page", "imagefs-profiled",
+             "imagefs-az-profiled", "imagefs-otherprofile", "squashfuse", "casync")
 PHASES = ("resolve", "pull", "unpack", "mount", "start", "run")
 # How long an AZ warm-up waits for its mount to prefetch the whole image through the
 # cache server (the torch image takes ~10-20 s at 1 Gbit/s).
@@ -110,6 +113,7 @@ class Context:
     runc_base: dict[str, Any]
     run_timeout_s: float
     peer_timeout_s: float
+    mount_args: tuple[str, ...] = ()  # extra options for every ``imagefs mount`` (A/B runs)
 
     def links(self) -> dict[str, ProxyService]:
         out = {"blob": self.blob, "registry": self.registry, "casync": self.casync}
@@ -406,9 +410,12 @@ def resolve_image(ctx: Context, store_name: str, cache_dir: Path) -> tuple[str, 
     return index.digest, dict(index.config)
 
 
-def imagefs_mount(ctx: Context, image: str, mp: Path, cache_dir: Path, az: bool) -> None:
+def imagefs_mount(ctx: Context, image: str, mp: Path, cache_dir: Path, az: bool, replay: bool = False) -> None:
     argv = [tool("imagefs"), "-q", "mount", image, str(mp), "--store", ctx.store_url,
             "--s3-endpoint", ctx.s3_endpoint, "--cache-dir", str(cache_dir)]
+    if not replay:
+        argv.append("--no-replay")
+    argv += ctx.mount_args
     if az:
         if not ctx.az_address:
             raise ScenarioError("no AZ cache server in this run")
@@ -456,7 +463,7 @@ def _mountpoint(ctx: Context, name: str) -> Iterator[Path]:
 
 
 def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, rep: int, mp: Path,
-                  cache_dir: Path, *, az: bool, drop: bool, reuse_mount: bool) -> RunResult:
+                  cache_dir: Path, *, az: bool, drop: bool, reuse_mount: bool, replay: bool = False) -> RunResult:
     """One imagefs run; leaves the mount up (the caller unmounts)."""
     res = RunResult(scenario, img.name, wl.name, rep)
     try:
@@ -468,7 +475,7 @@ def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, r
         digest, image_cfg = resolve_image(ctx, img.store_name, cache_dir)
         t_resolved = time.monotonic()
         if not reuse_mount:
-            imagefs_mount(ctx, digest, mp, cache_dir, az)
+            imagefs_mount(ctx, digest, mp, cache_dir, az, replay)
         t_ready = time.monotonic()
         res.phases_s.update(resolve=t_resolved - t0, mount=t_ready - t_resolved)
         c = run_container(ctx, mp, image_cfg, wl.argv, t0, ctx.run_timeout_s, abort=lambda: imagefs_kill(mp))
@@ -479,6 +486,8 @@ def _imagefs_once(ctx: Context, scenario: str, img: ImageAssets, wl: Workload, r
         res.tiers = tiers_from_stats(stats)
         res.fuse = fuse_from_stats(stats)
         res.prefetch = dict(after.get("prefetch") or {})
+        if replay:
+            res.prefetch["replay"] = dict(after.get("replay") or {})
     except ScenarioError as e:
         res.fail(e)
     except Exception as e:  # the store client raising: keep the matrix going, say what
