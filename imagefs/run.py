@@ -1,12 +1,18 @@
 """``imagefs run``: a container whose rootfs is a lazy imagefs mount.
 
-The image is mounted once per host at ``/run/imagefs/images/<digest>`` and shared by
-every container of that image (a mount that ``imagefs run`` started is unmounted by
-the last container that uses it). Each container gets an overlayfs with a fresh upper
-and work directory over that read-only mount, a config.json built from the image
-config, and is run by runc in the foreground with our stdin/stdout/stderr; its exit
-status becomes ours. Whatever the run created is removed when the container exits,
-also on Ctrl-C or SIGTERM.
+The image is mounted once per host at ``<run dir>/images/<digest>`` (the run dir is
+``$IMAGEFS_RUN_DIR``, else /run/imagefs) and shared by every container of that image
+(a mount that ``imagefs run`` started is unmounted by the last container that uses
+it). Each container gets a bundle in the containers directory (``$IMAGEFS_CONTAINERS_DIR``,
+else /var/lib/imagefs/containers) with an overlayfs over that read-only mount, a fresh
+upper and work directory, and a config.json built from the image config; runc runs it
+in the foreground with our stdin/stdout/stderr, and its exit status becomes ours.
+Whatever the run created is removed when the container exits, also on Ctrl-C or SIGTERM.
+
+Nothing of an image reaches the host: the image mounts and the bundles sit in 0700
+directories, the overlay is nodev (see :data:`OVERLAY_FLAGS`), config.json (with the
+``-e`` environment) is 0600, and the image's /etc/passwd and /etc/group are read
+inside the image (:mod:`imagefs.image_files`).
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
+from cache.private import open_private
 from imagefs.runtime_config import ConfigError, RunSpec, runtime_config
 
 if TYPE_CHECKING:
@@ -32,10 +40,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = "/run/imagefs"
-IMAGES_DIR = os.path.join(RUN_DIR, "images")
-RUNC_ROOT = os.path.join(RUN_DIR, "runc")
-CONTAINERS_DIR = os.environ.get("IMAGEFS_CONTAINERS_DIR", "/var/lib/imagefs/containers")
+CONTAINERS_ENV = "IMAGEFS_CONTAINERS_DIR"
+DEFAULT_CONTAINERS_DIR = "/var/lib/imagefs/containers"
+
+
+def images_dir() -> str:
+    """Where this host's shared image mounts live: ``<run dir>/images``, 0700, so that
+    nothing of an image (its device nodes, setuid files, files its modes protect) is
+    reachable from the host but through a container."""
+    from cache.private import private_dir
+    from imagefs.mount import private_run_dir
+
+    return private_dir(os.path.join(private_run_dir(), "images"))
+
+
+def runc_root() -> str:
+    """runc's state directory (``--root``): ``<run dir>/runc``, 0700."""
+    from cache.private import private_dir
+    from imagefs.mount import private_run_dir
+
+    return private_dir(os.path.join(private_run_dir(), "runc"))
+
+
+def containers_dir() -> str:
+    """Where container bundles live (``$IMAGEFS_CONTAINERS_DIR``, else
+    /var/lib/imagefs/containers), 0700: a bundle holds the container's rootfs and its
+    config.json, with the environment given by ``-e``."""
+    from cache.private import private_dir
+
+    named = os.environ.get(CONTAINERS_ENV)
+    return private_dir(named or DEFAULT_CONTAINERS_DIR, owned=not named)
 
 
 class RunError(Exception):
@@ -72,17 +106,17 @@ def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: T
     """
     from imagefs.mount import is_imagefs_mount, start_mount
 
-    os.makedirs(IMAGES_DIR, exist_ok=True)
-    mountpoint = os.path.join(IMAGES_DIR, digest.split(":", 1)[1])
+    images = images_dir()
+    mountpoint = os.path.join(images, digest.split(":", 1)[1])
     users_path = mountpoint + ".users"
-    with _flock(IMAGES_DIR + ".lock", fcntl.LOCK_EX):
+    with _flock(images + ".lock", fcntl.LOCK_EX):
         users_fd = os.open(users_path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
         try:
             if is_imagefs_mount(mountpoint):
                 timings.reused_mount = True
             else:
-                os.makedirs(mountpoint, exist_ok=True)
+                os.makedirs(mountpoint, mode=0o700, exist_ok=True)
                 t0 = time.monotonic()
                 start_mount(digest, mountpoint, opts)
                 timings.mount_s = time.monotonic() - t0
@@ -92,7 +126,7 @@ def shared_image_mount(image: str, digest: str, opts: "MountOptions", timings: T
     try:
         yield mountpoint
     finally:
-        with _flock(IMAGES_DIR + ".lock", fcntl.LOCK_EX):
+        with _flock(images + ".lock", fcntl.LOCK_EX):
             _release(users_fd, users_path, mountpoint)
 
 
@@ -120,13 +154,28 @@ def _release(users_fd: int, users_path: str, mountpoint: str) -> None:
         log.warning("could not unmount %s: %s", mountpoint, e)
 
 
+# The overlay is nodev: a device node that an image ships (or that root in the container
+# makes) opens nowhere, neither in the container nor from the host through
+# /proc/<pid>/root of a container process (which the kernel lets any host user with
+# the container process's uid follow). The container's devices are the ones runc makes
+# in its own /dev. It is not nosuid: setuid programs work in the container, as with
+# docker (su, sudo, ping); the kernel never honours a setuid bit of a mount that belongs
+# to another mount namespace, so through /proc/<pid>/root they are plain files, and the
+# host's own path to the rootfs is closed by the 0700 bundle directory.
+OVERLAY_FLAGS = "nodev"
+
+
 @contextlib.contextmanager
 def overlay(lower: str, workdir: str) -> Iterator[str]:
     """A writable overlayfs over the read-only image mount, removed afterwards."""
     upper, work, merged = (os.path.join(workdir, d) for d in ("upper", "work", "rootfs"))
     for d in (upper, work, merged):
-        os.makedirs(d, exist_ok=True)
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    # The container's / takes its mode and owner from the upper directory: the image's.
+    root = os.stat(lower)
+    os.chown(upper, root.st_uid, root.st_gid)
+    os.chmod(upper, stat.S_IMODE(root.st_mode))
+    opts = f"{OVERLAY_FLAGS},lowerdir={lower},upperdir={upper},workdir={work}"
     res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, merged], capture_output=True, text=True)
     if res.returncode:
         raise RunError(f"mounting the overlay on {merged} failed: {res.stderr.strip()}")
@@ -172,19 +221,21 @@ def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | N
     cid = name or f"imagefs-{secrets.token_hex(6)}"
     if not cid.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise RunError(f"invalid container name {cid!r}")
-    bundle = os.path.join(CONTAINERS_DIR, cid)
-    if os.path.exists(bundle):
-        raise RunError(f"container {cid!r} exists already ({bundle})")
-    os.makedirs(bundle)
+    bundle = os.path.join(containers_dir(), cid)
+    try:
+        os.mkdir(bundle, 0o700)
+    except FileExistsError:
+        raise RunError(f"container {cid!r} exists already ({bundle})") from None
     status = 1
     try:
         with shared_image_mount(image, digest, opts, timings) as lower, overlay(lower, bundle) as rootfs:
             config = runtime_config(runc_base_spec(bundle), image_cfg, spec, rootfs, lower)
-            with open(os.path.join(bundle, "config.json"), "w") as f:
+            # 0600: the environment may hold secrets (-e TOKEN=...)
+            with open(open_private(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_TRUNC), "w") as f:
                 json.dump(config, f, indent=1)
             status = _run_runc(cid, bundle, t0, timings)
     finally:
-        subprocess.run(["runc", "--root", RUNC_ROOT, "delete", "--force", cid], capture_output=True)
+        subprocess.run(["runc", "--root", runc_root(), "delete", "--force", cid], capture_output=True)
         shutil.rmtree(bundle, ignore_errors=True)
     timings.total_s = time.monotonic() - t0
     return status, timings
@@ -204,7 +255,7 @@ def _run_runc(cid: str, bundle: str, t0: float, timings: Timings) -> int:
     killed with SIGKILL. Either way we wait for runc, so cleanup always runs.
     """
     pid_file = os.path.join(bundle, "pid")
-    cmd = ["runc", "--root", RUNC_ROOT, "run", "--bundle", bundle, "--pid-file", pid_file, cid]
+    cmd = ["runc", "--root", runc_root(), "run", "--bundle", bundle, "--pid-file", pid_file, cid]
     done = threading.Event()
     watcher = threading.Thread(target=_watch_start, args=(pid_file, t0, timings, done), daemon=True)
     watcher.start()
@@ -213,7 +264,7 @@ def _run_runc(cid: str, bundle: str, t0: float, timings: Timings) -> int:
 
     def kill() -> None:
         if proc.poll() is None:
-            subprocess.run(["runc", "--root", RUNC_ROOT, "kill", "--all", cid, "KILL"], capture_output=True)
+            subprocess.run(["runc", "--root", runc_root(), "kill", "--all", cid, "KILL"], capture_output=True)
 
     def kill_after(seconds: float) -> None:
         timer = threading.Timer(seconds, kill)
