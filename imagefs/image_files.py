@@ -54,7 +54,8 @@ def open_in_root(root_fd: int, path: str, flags: int = os.O_RDONLY) -> int:
 
     ``path`` is taken inside the tree at ``root_fd`` whether or not it starts with ``/``.
     """
-    how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOCTTY, 0, RESOLVE)
+    extra = os.O_CLOEXEC if flags & os.O_PATH else os.O_CLOEXEC | os.O_NOCTTY  # O_PATH takes few flags
+    how = _OpenHow(flags | extra, 0, RESOLVE)
     fd = _libc.syscall(SYS_OPENAT2, ctypes.c_int(root_fd), os.fsencode(path), ctypes.byref(how),
                        ctypes.c_size_t(ctypes.sizeof(how)))
     if fd < 0:
@@ -102,3 +103,58 @@ def read_image_file(root: str, path: str, *, max_bytes: int = MAX_FILE_BYTES) ->
         raise ImageFileError(f"{path} in the image: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def stat_in_image(root: str, path: str) -> os.stat_result | None:
+    """``stat`` of ``path`` in the image tree at ``root`` (symlinks followed inside it);
+    None if it does not exist."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = open_in_root(root_fd, path, os.O_PATH)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+            return None
+        raise ImageFileError(f"{path} in the image: {e.strerror}") from None
+    finally:
+        os.close(root_fd)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+class CommandError(Exception):
+    """The container's command cannot be executed; ``status`` is Docker's exit code for it."""
+
+    NOT_FOUND = 127
+    NOT_EXECUTABLE = 126
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+NOT_FOUND, NOT_EXECUTABLE = CommandError.NOT_FOUND, CommandError.NOT_EXECUTABLE
+
+
+def look_path(root: str, command: str, path_env: str, cwd: str) -> str:
+    """Find ``command`` in the image as runc will when it starts the container (Go's
+    ``exec.LookPath`` with the container's PATH, in the container's working directory):
+    the path it runs, or :class:`CommandError` with 127 (not found) or 126 (found,
+    but a directory or without an execute bit)."""
+    def resolve(p: str) -> str:
+        return p if p.startswith("/") else os.path.normpath(os.path.join(cwd, p))
+
+    if "/" in command:
+        st = stat_in_image(root, resolve(command))
+        if st is None:
+            raise CommandError(f'exec: "{command}": stat {command}: no such file or directory', NOT_FOUND)
+        if stat.S_ISDIR(st.st_mode) or not st.st_mode & 0o111:
+            raise CommandError(f'exec: "{command}": permission denied', NOT_EXECUTABLE)
+        return command
+    for directory in path_env.split(":"):
+        candidate = os.path.join(directory or ".", command)
+        st = stat_in_image(root, resolve(candidate))
+        if st is not None and not stat.S_ISDIR(st.st_mode) and st.st_mode & 0o111:
+            return candidate
+    raise CommandError(f'exec: "{command}": executable file not found in $PATH', NOT_FOUND)

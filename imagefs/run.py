@@ -5,9 +5,12 @@ The image is mounted once per host at ``<run dir>/images/<digest>`` (the run dir
 (a mount that ``imagefs run`` started is unmounted by the last container that uses
 it). Each container gets a bundle in the containers directory (``$IMAGEFS_CONTAINERS_DIR``,
 else /var/lib/imagefs/containers) with an overlayfs over that read-only mount, a fresh
-upper and work directory, and a config.json built from the image config; runc runs it
-in the foreground with our stdin/stdout/stderr, and its exit status becomes ours.
-Whatever the run created is removed when the container exits, also on Ctrl-C or SIGTERM.
+upper and work directory, and a config.json (:mod:`imagefs.container_config`); runc
+runs it in the foreground with our stdout/stderr (and stdin with ``-i``), and its exit
+status becomes ours (Docker's 125/126/127 when it cannot start). Whatever the run
+created is removed when the container exits, whatever signal stops it
+(:mod:`imagefs.container_process`); what a SIGKILL leaves, the next run removes
+(:mod:`imagefs.stale_runs`).
 
 Nothing of an image reaches the host: the image mounts and the bundles sit in 0700
 directories, the overlay is nodev (see :data:`OVERLAY_FLAGS`), config.json (with the
@@ -22,9 +25,9 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import threading
@@ -33,7 +36,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from cache.private import open_private
-from imagefs.runtime_config import ConfigError, RunSpec, runtime_config
+from imagefs import stale_runs
+from imagefs.container_config import BaseSpecError, build_config
+from imagefs.container_process import Interrupted, SignalGuard
+from imagefs.image_files import CommandError
+from imagefs.run_spec import ConfigError, RunSpec
 
 if TYPE_CHECKING:
     from imagefs.mount import MountOptions
@@ -70,6 +77,10 @@ def containers_dir() -> str:
 
     named = os.environ.get(CONTAINERS_ENV)
     return private_dir(named or DEFAULT_CONTAINERS_DIR, owned=not named)
+
+
+EXIT_RUN_ERROR = 125  # Docker's status when the run itself fails (not the container)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class RunError(Exception):
@@ -186,18 +197,6 @@ def overlay(lower: str, workdir: str) -> Iterator[str]:
             subprocess.run(["umount", "-l", merged], capture_output=True)
 
 
-def runc_base_spec(bundle: str) -> dict:  # type: ignore[type-arg]
-    """runc's default spec, the base every container config starts from."""
-    res = subprocess.run(["runc", "spec", "--bundle", bundle], capture_output=True, text=True)
-    if res.returncode:
-        raise RunError(f"runc spec failed: {res.stderr.strip()}")
-    path = os.path.join(bundle, "config.json")
-    with open(path) as f:
-        spec = json.load(f)
-    os.unlink(path)
-    return spec
-
-
 def _watch_start(pid_file: str, t0: float, timings: Timings, done: threading.Event) -> None:
     """runc writes --pid-file once the container's process exists: that is 'started'."""
     while not done.is_set():
@@ -208,93 +207,122 @@ def _watch_start(pid_file: str, t0: float, timings: Timings, done: threading.Eve
 
 
 def run_container(image: str, spec: RunSpec, opts: "MountOptions", name: str | None = None) -> tuple[int, Timings]:
-    """Run one container to completion; returns (exit status, timings)."""
-    from cache.stores import open_store
-    from imagefs.index_cache import load_index
+    """Run one container to completion; returns (exit status, timings).
 
-    t0 = time.monotonic()
+    Raises :class:`RunError`, :class:`ConfigError` or :class:`CommandError` (with
+    Docker's status) if it cannot start; a terminating signal before the container
+    runs ends the setup with status 128+signal, after everything made is removed.
+    """
     timings = Timings()
-    store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
-    # One fetch of the index: the copy kept here is what the mount daemon loads.
-    index = load_index(store, image, opts.index_cache_dir())
-    digest, image_cfg = index.digest, index.config
-    cid = name or f"imagefs-{secrets.token_hex(6)}"
-    if not cid.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise RunError(f"invalid container name {cid!r}")
-    bundle = os.path.join(containers_dir(), cid)
-    try:
-        os.mkdir(bundle, 0o700)
-    except FileExistsError:
-        raise RunError(f"container {cid!r} exists already ({bundle})") from None
-    status = 1
-    try:
-        with shared_image_mount(image, digest, opts, timings) as lower, overlay(lower, bundle) as rootfs:
-            config = runtime_config(runc_base_spec(bundle), image_cfg, spec, rootfs, lower)
-            # 0600: the environment may hold secrets (-e TOKEN=...)
-            with open(open_private(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_TRUNC), "w") as f:
-                json.dump(config, f, indent=1)
-            status = _run_runc(cid, bundle, t0, timings)
-    finally:
-        subprocess.run(["runc", "--root", runc_root(), "delete", "--force", cid], capture_output=True)
-        shutil.rmtree(bundle, ignore_errors=True)
+    t0 = time.monotonic()
+    with SignalGuard(spec.stop_timeout) as guard:
+        try:
+            status = _run(image, spec, opts, name, guard, t0, timings)
+        except Interrupted as e:
+            log.warning("%s before the container started; everything it made is removed", e)
+            status = e.status
     timings.total_s = time.monotonic() - t0
     return status, timings
 
 
-INTERRUPT_GRACE_S = 2.0  # after Ctrl-C, how long the container has to exit before SIGKILL
-TERM_GRACE_S = 10.0  # after SIGTERM to imagefs run (docker stop's default)
+def _run(image: str, spec: RunSpec, opts: "MountOptions", name: str | None, guard: SignalGuard,
+         t0: float, timings: Timings) -> int:
+    from cache.stores import open_store
+    from imagefs.index_cache import load_index
+
+    cid = name or f"imagefs-{secrets.token_hex(6)}"
+    if not _NAME.match(cid):
+        raise RunError(f"invalid container name {cid!r} (letters, digits, '_', '.', '-'; at most 128)")
+    store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
+    # One fetch of the index: the copy kept here is what the mount daemon loads.
+    index = load_index(store, image, opts.index_cache_dir())
+    digest, image_cfg = index.digest, index.config
+    containers, images, rroot = containers_dir(), images_dir(), runc_root()
+    try:
+        stale_runs.sweep(containers, images, rroot)
+    except Exception as e:  # never a reason not to run this one
+        log.warning("could not remove what earlier runs left: %s", e)
+    bundle = os.path.join(containers, cid)
+    try:
+        os.mkdir(bundle, 0o700)
+    except FileExistsError:
+        raise RunError(f"container {cid!r} exists already ({bundle})") from None
+    try:
+        stale_runs.write_owner(bundle)
+        with contextlib.ExitStack() as stack:
+            try:
+                with guard.deferred():
+                    lower = stack.enter_context(shared_image_mount(image, digest, opts, timings))
+                with guard.deferred():
+                    rootfs = stack.enter_context(overlay(lower, bundle))
+                try:
+                    config = build_config(bundle, rootfs, lower, image_cfg, spec, cid)
+                except BaseSpecError as e:
+                    raise RunError(str(e)) from None
+                # 0600: the environment may hold secrets (-e TOKEN=...)
+                with open(open_private(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_TRUNC), "w") as f:
+                    json.dump(config, f, indent=1)
+                guard.check()
+                return _run_runc(cid, bundle, rroot, spec, guard, t0, timings)
+            finally:
+                guard.finished()  # from here on, signals wait for the clean-up
+    finally:
+        subprocess.run(["runc", "--root", rroot, "delete", "--force", cid], capture_output=True)
+        shutil.rmtree(bundle, ignore_errors=True)
 
 
-def _run_runc(cid: str, bundle: str, t0: float, timings: Timings) -> int:
-    """Run the container in the foreground; returns its exit status.
-
-    Signals: runc forwards the signals it receives to the container, and Ctrl-C on a
-    terminal reaches runc directly (same process group). But a container's PID 1
-    ignores signals it has no handler for, so a forwarded SIGINT/SIGTERM alone may
-    never end it: after a grace period (or at a second Ctrl-C) the container is
-    killed with SIGKILL. Either way we wait for runc, so cleanup always runs.
-    """
-    pid_file = os.path.join(bundle, "pid")
-    cmd = ["runc", "--root", runc_root(), "run", "--bundle", bundle, "--pid-file", pid_file, cid]
+def _run_runc(cid: str, bundle: str, rroot: str, spec: RunSpec, guard: SignalGuard, t0: float,
+              timings: Timings) -> int:
+    """Run the container in the foreground; returns its exit status (see
+    :mod:`imagefs.container_process` for signals)."""
+    pid_file, runc_log = os.path.join(bundle, "pid"), os.path.join(bundle, "runc.log")
+    cmd = ["runc", "--root", rroot, "--log", runc_log, "--log-format", "json",
+           "run", "--bundle", bundle, "--pid-file", pid_file, cid]
+    attach_stdin = spec.interactive or spec.terminal
+    stdin_is_tty = attach_stdin and os.isatty(0)
     done = threading.Event()
     watcher = threading.Thread(target=_watch_start, args=(pid_file, t0, timings, done), daemon=True)
     watcher.start()
-    proc = subprocess.Popen(cmd)
-    timers: list[threading.Timer] = []
 
     def kill() -> None:
-        if proc.poll() is None:
-            subprocess.run(["runc", "--root", runc_root(), "kill", "--all", cid, "KILL"], capture_output=True)
+        subprocess.run(["runc", "--root", rroot, "kill", "--all", cid, "KILL"], capture_output=True)
 
-    def kill_after(seconds: float) -> None:
-        timer = threading.Timer(seconds, kill)
-        timer.daemon = True
-        timer.start()
-        timers.append(timer)
-
-    def on_term(*_: object) -> None:
-        proc.send_signal(signal.SIGTERM)
-        kill_after(TERM_GRACE_S)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    interrupts = 0
     try:
-        while True:
-            try:
-                status = proc.wait()
-                break
-            except KeyboardInterrupt:
-                interrupts += 1
-                if interrupts == 1:
-                    kill_after(INTERRUPT_GRACE_S)
-                else:
-                    kill()
+        with guard.deferred():  # a signal now is forwarded once runc is there to take it
+            proc = subprocess.Popen(cmd, stdin=None if attach_stdin else subprocess.DEVNULL,
+                                    process_group=None if stdin_is_tty else 0)
+            guard.running(proc, kill)
+        status = proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        for timer in timers:
-            timer.cancel()
         done.set()
-    return status if status >= 0 else 128 - status
+    guard.finished()
+    if status < 0:
+        return 128 - status
+    if status and not os.path.exists(pid_file):
+        return _runc_failure_status(runc_log)
+    return status
 
 
-__all__ = ["run_container", "RunSpec", "RunError", "ConfigError", "Timings"]
+def _runc_failure_status(runc_log: str) -> int:
+    """Docker's status for a container that runc could not start: 127 when the command
+    is not there, 126 when it cannot be executed, 125 for anything else."""
+    message = ""
+    try:
+        with open(runc_log, errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("level") in ("error", "fatal"):
+                    message = str(entry.get("msg", ""))
+    except OSError:
+        pass
+    if "executable file not found" in message or "no such file or directory" in message:
+        return CommandError.NOT_FOUND
+    if "permission denied" in message:
+        return CommandError.NOT_EXECUTABLE
+    return EXIT_RUN_ERROR
+
+
+__all__ = ["run_container", "RunSpec", "RunError", "ConfigError", "CommandError", "Timings", "EXIT_RUN_ERROR"]

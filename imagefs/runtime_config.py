@@ -1,39 +1,22 @@
 """Turn an image config into an OCI runtime config for runc.
 
 Starts from runc's own default spec (``runc spec``: namespaces, the default mounts of
-/proc, /dev, /sys, capabilities, masked paths), so the container gets exactly what the
-runtime considers standard, then applies the image: Entrypoint/Cmd, Env, WorkingDir and
-User, with the user's overrides on top, as ``docker run`` does.
+/proc, /dev, /sys), then applies the image: Entrypoint/Cmd, Env, WorkingDir and User,
+with the user's overrides on top, as ``docker run`` does. What the container may do
+(capabilities, seccomp, masked paths) is :mod:`imagefs.container_security`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from imagefs.image_files import ImageFileError, read_image_file
+from imagefs.run_spec import ConfigError, RunSpec
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class ConfigError(ValueError):
-    """The image config and the options do not make a runnable container."""
-
-
-@dataclass
-class RunSpec:
-    """What the user asked for on top of the image config."""
-
-    command: list[str] = field(default_factory=list)  # replaces Cmd when non-empty
-    entrypoint: list[str] | None = None  # replaces Entrypoint when given ([] clears it)
-    env: list[str] = field(default_factory=list)  # K=V, override the image's
-    workdir: str | None = None
-    user: str | None = None
-    hostname: str = "imagefs"
-    terminal: bool = False
-    network: str = "host"  # "host": share the host's network; "none": a private, empty one
 
 
 def merge_env(image_env: list[str], overrides: list[str]) -> list[str]:
@@ -174,24 +157,19 @@ def runtime_config(base: dict[str, Any], image_cfg: dict[str, Any], spec: RunSpe
     env = merge_env(list(image_cfg.get("Env") or []), spec.env)
     if spec.terminal and not any(e.startswith("TERM=") for e in env):
         env.append("TERM=xterm")
-    env.append(f"HOSTNAME={spec.hostname}")
+    if spec.hostname:
+        env = [e for e in env if not e.startswith("HOSTNAME=")] + [f"HOSTNAME={spec.hostname}"]
+        cfg["hostname"] = spec.hostname
     proc["env"] = env
     cwd = spec.workdir or image_cfg.get("WorkingDir") or "/"
     if not cwd.startswith("/"):
         raise ConfigError(f"working directory {cwd!r} must be absolute")
     proc["cwd"] = cwd
     proc["user"] = {"uid": uid, "gid": gid, **({"additionalGids": extra} if extra else {})}
-    cfg["root"] = {"path": rootfs, "readonly": False}
-    cfg["hostname"] = spec.hostname
+    cfg["root"] = {"path": rootfs, "readonly": spec.read_only}
     namespaces = cfg.setdefault("linux", {}).setdefault("namespaces", [])
     if spec.network == "host":
         cfg["linux"]["namespaces"] = [ns for ns in namespaces if ns.get("type") != "network"]
-        # Share the host's resolver config, as a host-network container expects.
-        if os.path.exists("/etc/resolv.conf"):
-            cfg["mounts"].append({
-                "destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
-                "options": ["rbind", "ro"],
-            })
     elif spec.network != "none":
         raise ConfigError(f"--network {spec.network!r}: use host or none")
     return cfg

@@ -20,7 +20,8 @@ from typing import Sequence
 from tests.support.tars import TarEntry, directory, file, symlink
 
 BUSYBOX = "/bin/busybox"
-APPLETS = ["sh", "echo", "cat", "env", "pwd", "id", "ls", "sleep", "touch", "test", "true", "false", "head", "stat"]
+APPLETS = ["sh", "echo", "cat", "env", "pwd", "id", "ls", "sleep", "touch", "test", "true", "false", "head", "stat",
+           "chown", "grep", "hostname", "unshare", "su", "tty", "mkdir", "kill", "rm", "readlink", "mount"]
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
 GROUP = b"root:x:0:\napp:x:1000:\n"
 NOBODY = 65534  # the unprivileged host user the isolation tests act as
@@ -47,6 +48,19 @@ def busybox_entries(*, passwd: bytes | None = PASSWD, group: bytes | None = GROU
     if group is not None:
         entries.append(file("etc/group", group))
     return entries
+
+
+EUID_C = b'#include <stdio.h>\n#include <unistd.h>\nint main(void) { printf("%d\\n", (int)geteuid()); return 0; }\n'
+
+
+def static_euid_program(workdir: str) -> bytes:
+    """A static program that prints its effective uid: what a setuid file would give."""
+    src, out = os.path.join(workdir, "euid.c"), os.path.join(workdir, "euid")
+    with open(src, "wb") as f:
+        f.write(EUID_C)
+    subprocess.run(["gcc", "-static", "-O2", "-o", out, src], check=True, capture_output=True)
+    with open(out, "rb") as f:
+        return f.read()
 
 
 def world_traversable_dir(prefix: str) -> str:
@@ -82,8 +96,10 @@ class RunHost:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "imagefs", "run", "--store", self.store, "--cache-dir", self.cache_dir, *args]
 
-    def run(self, *args: str, input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(self.command(*args), input=input, capture_output=True, timeout=timeout, env=self.env())
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 60,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.command(*args), input=input, capture_output=True, timeout=timeout,
+                              env={**self.env(), **(env_extra or {})})
 
     def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.command(*args), env=self.env(), **kw)  # type: ignore[call-overload,no-any-return]
