@@ -32,6 +32,7 @@ from indexer.layers import apply_layer
 from indexer.packer import load_known_chunks, start_packs
 from indexer.progress import NullProgress, Progress
 from indexer.sources import ImageSource, SourceError, open_source
+from indexer.sources.credentials import AuthOptions
 from indexer.tree import Tree
 
 INDEX_FORMAT_META = 1
@@ -135,6 +136,7 @@ def build_image(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Progress | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    auth: AuthOptions | None = None,
 ) -> BuildResult:
     """Index ``source`` into ``store`` under ``name`` (None: the default name; "" for none).
 
@@ -143,7 +145,7 @@ def build_image(
     """
     with gc_paused():
         return _build(source, store, name, platform=platform, insecure=insecure, chunk_size=chunk_size,
-                      progress=progress, memory_budget=memory_budget)
+                      progress=progress, memory_budget=memory_budget, auth=auth)
 
 
 def _build(
@@ -156,13 +158,14 @@ def _build(
     chunk_size: int,
     progress: Progress | None,
     memory_budget: int,
+    auth: AuthOptions | None = None,
 ) -> BuildResult:
     start = time.monotonic()
     progress = progress or NullProgress()
     if name:
         catalog.validate_name(name)
     store.check()
-    src = open_source(source, platform=platform, insecure=insecure) if isinstance(source, str) else source
+    src = open_source(source, platform=platform, insecure=insecure, auth=auth) if isinstance(source, str) else source
     if name is None:
         name = default_name(src.reference)
     try:
