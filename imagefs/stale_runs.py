@@ -65,6 +65,17 @@ def remove_container(cid: str, bundle: str, runc_root: str) -> None:
     shutil.rmtree(bundle, ignore_errors=True)
 
 
+def _runc_bundle(runc_root: str, cid: str) -> str | None:
+    """The bundle runc recorded for container ``cid`` (``<root>/<id>/state.json``, label
+    ``bundle=``); None if it cannot be told, and then the state is left alone."""
+    try:
+        with open(os.path.join(runc_root, cid, "state.json")) as f:
+            labels = json.load(f)["config"]["labels"]
+        return next(label[len("bundle="):] for label in labels if label.startswith("bundle="))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+
+
 def sweep(containers_dir: str, images_dir: str, runc_root: str) -> list[str]:
     """Remove leftovers of dead runs; returns what was removed (for messages and tests)."""
     removed: list[str] = []
@@ -77,8 +88,9 @@ def sweep(containers_dir: str, images_dir: str, runc_root: str) -> list[str]:
         log.warning("removing container %s left by an imagefs run that is gone", cid)
         remove_container(cid, bundle, runc_root)
         removed.append(f"container {cid}")
-    for cid in sorted(os.listdir(runc_root)):  # runc keeps <root>/<id>/state.json
-        if not os.path.isdir(os.path.join(containers_dir, cid)):
+    for cid in sorted(os.listdir(runc_root)):
+        bundle = _runc_bundle(runc_root, cid)
+        if bundle is not None and not os.path.isdir(bundle):
             _runc(runc_root, "delete", "--force", cid)
             removed.append(f"runc state {cid}")
     removed += sweep_image_mounts(images_dir)
