@@ -16,7 +16,9 @@ terminal or SSH session under (SIGHUP), send SIGQUIT, or stop from a supervisor
 
 runc runs in a process group of its own unless its stdin is a terminal (it must then
 stay in the terminal's foreground group to read it), so that a signal the terminal
-sends to our group reaches the container once, through us. SIGUSR1/SIGUSR2 are
+sends to our group reaches the container once, through us. With ``-t`` the terminal
+is in raw mode (Ctrl-C is a byte for the container, not a signal); with ``-i`` alone
+on a terminal, a Ctrl-C reaches runc too, and the container gets SIGINT twice. SIGUSR1/SIGUSR2 are
 forwarded too; SIGWINCH is runc's own business (it resizes the container's terminal).
 """
 
