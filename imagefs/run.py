@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from cache.private import open_private
 from imagefs import stale_runs
-from imagefs.container_config import BaseSpecError, build_config
+from imagefs.container_config import BaseSpecError, build_config, runc_base_spec  # noqa: F401 (bench uses it)
 from imagefs.container_process import Interrupted, SignalGuard
 from imagefs.image_files import CommandError
 from imagefs.run_spec import ConfigError, RunSpec
