@@ -70,6 +70,7 @@ import lmdb
 
 from cache.chunk import ChunkRef, CorruptChunk, check_frame, verify
 from cache.directio import DirectReader
+from cache.private import DIR_MODE, FILE_MODE, private_dir
 from cache.stats import Counters, TierStats
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def _acquire_env(path: str, map_size: int) -> _Env:
     with _envs_lock:
         e = _envs.get(path)
         if e is None:
-            env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=4, max_readers=1024,
+            env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=4, max_readers=1024, mode=FILE_MODE,
                             lock=True, readahead=False, metasync=False)
             env.reader_check()  # free reader slots of processes that died
             e = _Env(env, env.open_db(b"chunks"), env.open_db(b"lru"), env.open_db(b"meta"))
@@ -179,8 +180,10 @@ class SSDTier:
         self._touch_interval = int(touch_interval * 1e9)
         self._chunks_dir = os.path.join(self.directory, CHUNKS_DIR)
         self._tmp_dir = os.path.join(self.directory, TMP_DIR)
-        os.makedirs(self._chunks_dir, exist_ok=True)
-        os.makedirs(self._tmp_dir, exist_ok=True)
+        # Cached chunks are image content, uncompressed: root's alone (see cache.private).
+        private_dir(self.directory, owned=False)
+        for own in (self._chunks_dir, self._tmp_dir, os.path.join(self.directory, META_DIR)):
+            private_dir(own)
         self._env_path = os.path.realpath(os.path.join(self.directory, META_DIR))
         self._e = _acquire_env(self._env_path, map_size)
         try:
@@ -225,7 +228,7 @@ class SSDTier:
     def _ensure_dir(self, digest: bytes) -> None:
         sub = digest.hex()[:2]
         if sub not in self._made_dirs:
-            os.makedirs(os.path.join(self._chunks_dir, sub), exist_ok=True)
+            os.makedirs(os.path.join(self._chunks_dir, sub), mode=DIR_MODE, exist_ok=True)
             self._made_dirs.add(sub)
 
     # ---- reading -----------------------------------------------------------------
@@ -386,7 +389,7 @@ class SSDTier:
 
     def _write_tmp(self, data: bytes) -> str:
         path = os.path.join(self._tmp_dir, f"{os.getpid()}.{secrets.token_hex(8)}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
             view = memoryview(data)
             while view:

@@ -32,6 +32,7 @@ import socket
 import sys
 from typing import Any
 
+from cache.private import open_private, private_dir
 from imagefs.daemon import serve
 from imagefs.mount import MountError, MountOptions, agent_socket
 
@@ -85,7 +86,7 @@ def _preload() -> None:
 
 def _bind(path: str) -> socket.socket:
     """Listen at ``path``, refusing to steal it from an agent that still answers."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    private_dir(os.path.dirname(path), owned=False)
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -193,7 +194,7 @@ def _child(req: dict[str, Any], ready_fd: int, conn: socket.socket) -> None:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         os.chdir("/")
-        logfd = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        logfd = open_private(req["log"], os.O_WRONLY | os.O_APPEND)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(logfd, 1)

@@ -144,9 +144,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         importlib.import_module(name).register(sub)
     # Accept -v/-q after the subcommand too (``imagefs index --quiet``), as users type them.
     # An alias (umount/unmount) maps to the same parser: visit each parser once.
+    # A command that gives -v/-q a meaning of its own (run's -v is docker's --volume) keeps it.
     for subparser in {id(p): p for p in sub.choices.values()}.values():
-        subparser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        taken = subparser._option_string_actions
+        subparser.add_argument(*[o for o in ("-v", "--verbose") if o not in taken], action="count",
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        subparser.add_argument(*[o for o in ("-q", "--quiet") if o not in taken], action="store_true",
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

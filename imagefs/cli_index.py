@@ -27,6 +27,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--name", help="name to give the image in the store (default: derived from SOURCE)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="pick from a multi-platform image (default linux/amd64)")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP to a non-loopback registry")
+    p.add_argument("--tls-verify", choices=["true", "false"], default=None,
+                   help="skopeo's spelling: --tls-verify=false is --insecure")
+    p.add_argument("--creds", metavar="USER[:PASSWORD]",
+                   help="registry credentials (without :PASSWORD, asked for on the terminal)")
+    p.add_argument("--authfile", metavar="FILE",
+                   help="credentials file (skopeo/podman auth.json or docker config.json: auths, credHelpers, "
+                   "credsStore); replaces the default files $REGISTRY_AUTH_FILE, "
+                   "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json")
     p.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the build figures as JSON")
     p.set_defaults(func=cmd_index)
@@ -56,6 +64,17 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return open_store(args.store, s3_endpoint=args.s3_endpoint)
 
 
+def _auth_options(args: argparse.Namespace) -> Any:
+    """--creds and --authfile; a missing password is asked for now, before any work."""
+    from indexer.sources.credentials import AuthOptions, parse_creds
+
+    creds = None
+    if args.creds is not None:
+        c = parse_creds(args.creds)
+        creds = f"{c.user}:{c.password}"
+    return AuthOptions(creds=creds, authfile=args.authfile)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from indexer.build import build_image
     from indexer.chunker import DEFAULT_CHUNK_SIZE
@@ -66,8 +85,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         store,
         args.name,
         platform=args.platform,
-        insecure=args.insecure,
+        insecure=args.insecure or args.tls_verify == "false",
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+        auth=_auth_options(args),
         progress=progress_for(args.quiet),
     )
     if args.json:

@@ -67,7 +67,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def _stop_when_recorded(cid: str, mountpoint: str, done: threading.Event) -> None:
     """(thread) Once the mount's recording is saved, stop the container if it still runs."""
     from imagefs.mount import MountError, query_stats
-    from imagefs.run import RUNC_ROOT
+    from imagefs.run import runc_root
 
     while not done.wait(0.5):
         try:
@@ -77,9 +77,9 @@ def _stop_when_recorded(cid: str, mountpoint: str, done: threading.Event) -> Non
         if not rec.get("saved"):
             continue
         print(f"imagefs: recording ended ({rec['state']}); stopping the container", file=sys.stderr)
-        subprocess.run(["runc", "--root", RUNC_ROOT, "kill", cid, "TERM"], capture_output=True)
+        subprocess.run(["runc", "--root", runc_root(), "kill", cid, "TERM"], capture_output=True)
         if not done.wait(STOP_GRACE_S):
-            subprocess.run(["runc", "--root", RUNC_ROOT, "kill", "--all", cid, "KILL"], capture_output=True)
+            subprocess.run(["runc", "--root", runc_root(), "kill", "--all", cid, "KILL"], capture_output=True)
         return
 
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cache.private import FILE_MODE, open_private, private_dir
 from imagefs.mount import (CACHE_SECRET_ENV, ERROR_PREFIX, FAULT_ENV, READY, MountError, MountOptions, RunPaths,
                            check_mountpoint, default_cache_dir, mounted_at, process_start_time)
 
@@ -325,10 +326,11 @@ class _Daemon:
         # trio's async bind cost ~2 ms of a forked mount's time to ready.
         std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.makedirs(os.path.dirname(self.paths.socket), mode=0o755, exist_ok=True)
+            private_dir(os.path.dirname(self.paths.socket), owned=False)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
             std.bind(self.paths.socket)
+            os.chmod(self.paths.socket, FILE_MODE)  # root's only, as every run file (cache.private)
             std.listen(16)
         except OSError as e:  # no stats is no reason to refuse the mount
             std.close()
@@ -368,7 +370,7 @@ class _Daemon:
         record = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "image": self.image, "digest": self.digest,
                   "mountpoint": self.paths.mountpoint, "socket": self.paths.socket, "log": self.paths.log}
         tmp = self.paths.record + ".tmp"
-        with open(tmp, "w") as f:
+        with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(record, f)
         os.replace(tmp, self.paths.record)
 

@@ -37,6 +37,7 @@ import tempfile
 import blake3
 
 from cache.blobstore import BlobNotFound, BlobStore
+from cache.private import private_dir
 from indexer.catalog import ImageNotFound, index_key, resolve
 from indexer.format import DIGEST_PREFIX, IndexFormatError, unseal
 from indexer.index import Index
@@ -70,6 +71,9 @@ def load_index(store: BlobStore, image: str, cache_dir: str | None) -> Index:
     else:
         digest = resolve(store, image)
     path = _path(cache_dir, digest) if cache_dir else None
+    if path:  # an index names every file of an image: its copies are root's (cache.private)
+        with contextlib.suppress(OSError):  # one made by an older version is tightened here
+            private_dir(os.path.dirname(path))
     if path and os.path.exists(path):
         try:
             return Index(map_copy(path), digest)
@@ -110,8 +114,8 @@ def keep_copy(path: str, body: bytes) -> None:
     """Write a copy atomically; a cache that cannot be written is only slower."""
     head = _COPY_HEADER.pack(COPY_MAGIC, len(body), _hash(body)).ljust(PAGE, b"\0")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        private_dir(os.path.dirname(path))
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # 0600
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(head)

@@ -81,6 +81,15 @@ def run_dir() -> str:
                                                   os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "imagefs"))
 
 
+def private_run_dir() -> str:
+    """:func:`run_dir`, made 0700 (see :mod:`cache.private`): the default one is imagefs's
+    own and is tightened if an older version left it wider; one named by
+    ``$IMAGEFS_RUN_DIR`` is only created so. What goes in it is 0600 either way."""
+    from cache.private import private_dir
+
+    return private_dir(run_dir(), owned=not os.environ.get("IMAGEFS_RUN_DIR"))
+
+
 class MountOptions:
     """How to serve a mount: where chunks come from and how much may be cached.
 
@@ -235,8 +244,10 @@ def start_mount(image: str, mountpoint: str, opts: MountOptions, *, timeout: flo
     """
     mp = check_mountpoint(mountpoint)
     paths = RunPaths.of(mp)
-    os.makedirs(os.path.dirname(paths.log), mode=0o755, exist_ok=True)
-    with open(paths.log, "ab") as logf:
+    from cache.private import open_private
+
+    private_run_dir()
+    with open(open_private(paths.log, os.O_WRONLY | os.O_APPEND), "ab") as logf:  # 0600: it names images and paths
         logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} mount {image} at {mp}\n".encode())
     r, w = os.pipe()
     proc: subprocess.Popen[bytes] | None = None

@@ -1,37 +1,22 @@
 """Turn an image config into an OCI runtime config for runc.
 
 Starts from runc's own default spec (``runc spec``: namespaces, the default mounts of
-/proc, /dev, /sys, capabilities, masked paths), so the container gets exactly what the
-runtime considers standard, then applies the image: Entrypoint/Cmd, Env, WorkingDir and
-User, with the user's overrides on top, as ``docker run`` does.
+/proc, /dev, /sys), then applies the image: Entrypoint/Cmd, Env, WorkingDir and User,
+with the user's overrides on top, as ``docker run`` does. What the container may do
+(capabilities, seccomp, masked paths) is :mod:`imagefs.container_security`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from imagefs.image_files import ImageFileError, read_image_file
+from imagefs.run_spec import ConfigError, RunSpec
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class ConfigError(ValueError):
-    """The image config and the options do not make a runnable container."""
-
-
-@dataclass
-class RunSpec:
-    """What the user asked for on top of the image config."""
-
-    command: list[str] = field(default_factory=list)  # replaces Cmd when non-empty
-    entrypoint: list[str] | None = None  # replaces Entrypoint when given ([] clears it)
-    env: list[str] = field(default_factory=list)  # K=V, override the image's
-    workdir: str | None = None
-    user: str | None = None
-    hostname: str = "imagefs"
-    terminal: bool = False
-    network: str = "host"  # "host": share the host's network; "none": a private, empty one
 
 
 def merge_env(image_env: list[str], overrides: list[str]) -> list[str]:
@@ -64,45 +49,85 @@ def command_line(image_cfg: dict[str, Any], spec: RunSpec) -> list[str]:
     return args
 
 
-def _read_db(rootfs: str, name: str) -> list[list[str]]:
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
+
+
+@dataclass
+class _Entry:
+    """One line of an image's /etc/passwd or /etc/group, split at ':'."""
+
+    file: str
+    line: int
+    fields: list[str]
+
+    def id(self, i: int, what: str) -> int:
+        """Field ``i`` as a uid or gid; a clear error naming the file and line if it is not one."""
+        value = self.fields[i]
+        if not value.isdigit() or int(value) > MAX_ID:  # isdigit: no sign, no spaces
+            raise ConfigError(f"the image's {self.file} line {self.line}: {what} {value[:40]!r} is not a number "
+                              f"from 0 to {MAX_ID}")
+        return int(value)
+
+
+def _read_db(rootfs: str, name: str) -> list[_Entry]:
+    """The entries of the image's ``/etc/<name>``, read inside the image (see
+    :mod:`imagefs.image_files`); none if the image has no such file."""
+    path = f"/etc/{name}"
     try:
-        with open(os.path.join(rootfs, "etc", name), encoding="utf-8", errors="replace") as f:
-            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
-    except OSError:
+        data = read_image_file(rootfs, path)
+    except ImageFileError as e:
+        raise ConfigError(f"cannot resolve the user: {e}") from None
+    if data is None:
         return []
+    entries = []
+    for n, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        if line.strip() and not line.startswith("#"):
+            entries.append(_Entry(path, n, line.split(":")))
+    return entries
+
+
+def _id(value: str, what: str) -> int:
+    if not value.isdigit() or int(value) > MAX_ID:
+        raise ConfigError(f"{what} {value!r}: not a name or a number from 0 to {MAX_ID}")
+    return int(value)
 
 
 def resolve_user(spec: str | None, rootfs: str) -> tuple[int, int, list[int]]:
     """(uid, gid, additional gids) for an image ``User`` string: ``uid``, ``uid:gid``,
-    ``name``, ``name:group``, looked up in the image's own /etc/passwd and /etc/group."""
+    ``name``, ``name:group``, looked up in the image's own /etc/passwd and /etc/group
+    (resolved inside the image at ``rootfs``, never on the host)."""
     if not spec:
         spec = "0"
     user, _, group = spec.partition(":")
+    if not user:
+        raise ConfigError(f"user {spec!r}: no user name or uid before ':'")
     passwd = _read_db(rootfs, "passwd")
-    groups = _read_db(rootfs, "group")
     uid: int | None = None
     gid: int | None = None
     name: str | None = None
     if user.isdigit():
-        uid = int(user)
+        uid = _id(user, "user")
         for row in passwd:
-            if len(row) > 3 and row[2] == user:
-                name, gid = row[0], int(row[3]) if row[3].isdigit() else 0
+            if len(row.fields) > 3 and row.fields[2] == user:
+                name, gid = row.fields[0], row.id(3, "gid")
                 break
     else:
         for row in passwd:
-            if len(row) > 3 and row[0] == user:
-                name, uid, gid = user, int(row[2]), int(row[3])
+            if len(row.fields) > 3 and row.fields[0] == user:
+                name, uid, gid = user, row.id(2, "uid"), row.id(3, "gid")
                 break
         if uid is None:
             raise ConfigError(f"user {user!r} not found in the image's /etc/passwd")
+    # /etc/group is read only when needed: for a group name, or a named user's other groups.
+    by_name, members = bool(group) and not group.isdigit(), name is not None and not group
+    groups = _read_db(rootfs, "group") if by_name or members else []
     if group:
         if group.isdigit():
-            gid = int(group)
+            gid = _id(group, "group")
         else:
             for row in groups:
-                if len(row) > 2 and row[0] == group:
-                    gid = int(row[2])
+                if len(row.fields) > 2 and row.fields[0] == group:
+                    gid = row.id(2, "gid")
                     break
             else:
                 raise ConfigError(f"group {group!r} not found in the image's /etc/group")
@@ -111,8 +136,10 @@ def resolve_user(spec: str | None, rootfs: str) -> tuple[int, int, list[int]]:
     extra: list[int] = []
     if name and not group:
         for row in groups:
-            if len(row) > 3 and name in row[3].split(",") and row[2].isdigit() and int(row[2]) != gid:
-                extra.append(int(row[2]))
+            if len(row.fields) > 3 and name in row.fields[3].split(","):
+                g = row.id(2, "gid")
+                if g != gid and g not in extra:
+                    extra.append(g)
     return uid, gid, extra
 
 
@@ -120,7 +147,7 @@ def runtime_config(base: dict[str, Any], image_cfg: dict[str, Any], spec: RunSpe
     """The config.json for one container.
 
     ``base`` is runc's default spec; ``rootfs`` is the path runc will use;
-    ``rootfs_for_lookup`` is where the image's /etc can be read (the lower mount).
+    ``rootfs_for_lookup`` is the image tree in which its /etc is read (the lower mount).
     """
     cfg = copy.deepcopy(base)
     uid, gid, extra = resolve_user(spec.user if spec.user is not None else image_cfg.get("User"), rootfs_for_lookup)
@@ -130,24 +157,19 @@ def runtime_config(base: dict[str, Any], image_cfg: dict[str, Any], spec: RunSpe
     env = merge_env(list(image_cfg.get("Env") or []), spec.env)
     if spec.terminal and not any(e.startswith("TERM=") for e in env):
         env.append("TERM=xterm")
-    env.append(f"HOSTNAME={spec.hostname}")
+    if spec.hostname:
+        env = [e for e in env if not e.startswith("HOSTNAME=")] + [f"HOSTNAME={spec.hostname}"]
+        cfg["hostname"] = spec.hostname
     proc["env"] = env
     cwd = spec.workdir or image_cfg.get("WorkingDir") or "/"
     if not cwd.startswith("/"):
         raise ConfigError(f"working directory {cwd!r} must be absolute")
     proc["cwd"] = cwd
     proc["user"] = {"uid": uid, "gid": gid, **({"additionalGids": extra} if extra else {})}
-    cfg["root"] = {"path": rootfs, "readonly": False}
-    cfg["hostname"] = spec.hostname
+    cfg["root"] = {"path": rootfs, "readonly": spec.read_only}
     namespaces = cfg.setdefault("linux", {}).setdefault("namespaces", [])
     if spec.network == "host":
         cfg["linux"]["namespaces"] = [ns for ns in namespaces if ns.get("type") != "network"]
-        # Share the host's resolver config, as a host-network container expects.
-        if os.path.exists("/etc/resolv.conf"):
-            cfg["mounts"].append({
-                "destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
-                "options": ["rbind", "ro"],
-            })
     elif spec.network != "none":
         raise ConfigError(f"--network {spec.network!r}: use host or none")
     return cfg

@@ -32,6 +32,7 @@ from indexer.layers import apply_layer
 from indexer.packer import load_known_chunks, start_packs
 from indexer.progress import NullProgress, Progress
 from indexer.sources import ImageSource, SourceError, open_source
+from indexer.sources.credentials import AuthOptions
 from indexer.tree import Tree
 
 INDEX_FORMAT_META = 1
@@ -136,6 +137,7 @@ def build_image(
     progress: Progress | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     random_access_chunk_size: int = DEFAULT_RANDOM_ACCESS_CHUNK_SIZE,
+    auth: AuthOptions | None = None,
 ) -> BuildResult:
     """Index ``source`` into ``store`` under ``name`` (None: the default name; "" for none).
 
@@ -145,7 +147,7 @@ def build_image(
     with gc_paused():
         return _build(source, store, name, platform=platform, insecure=insecure, chunk_size=chunk_size,
                       progress=progress, memory_budget=memory_budget,
-                      random_access_chunk_size=random_access_chunk_size)
+                      random_access_chunk_size=random_access_chunk_size, auth=auth)
 
 
 def _build(
@@ -159,13 +161,14 @@ def _build(
     progress: Progress | None,
     memory_budget: int,
     random_access_chunk_size: int,
+    auth: AuthOptions | None = None,
 ) -> BuildResult:
     start = time.monotonic()
     progress = progress or NullProgress()
     if name:
         catalog.validate_name(name)
     store.check()
-    src = open_source(source, platform=platform, insecure=insecure) if isinstance(source, str) else source
+    src = open_source(source, platform=platform, insecure=insecure, auth=auth) if isinstance(source, str) else source
     if name is None:
         name = default_name(src.reference)
     try:

@@ -20,6 +20,7 @@ import blake3
 
 from cache.blobstore import BlobNotFound, BlobStore
 from cache.chunk import digest_of
+from cache.private import open_private, private_dir
 from indexer.chunker import ChunkSpill
 from indexer.format import ChunkLocation
 from indexer.index import pack_key
@@ -61,6 +62,9 @@ def load_known_chunks(store: BlobStore, use_cache: bool = True) -> dict[bytes, C
     """
     keys = list(store.list(TOC_PREFIX))
     cache_dir = _toc_cache_dir() if use_cache else None
+    if cache_dir:  # private, as every cache of imagefs (cache.private)
+        private_dir(os.path.dirname(cache_dir))
+        private_dir(cache_dir)
     known: dict[bytes, ChunkLocation] = {}
 
     def load(key: str) -> dict[bytes, ChunkLocation]:
@@ -78,9 +82,8 @@ def load_known_chunks(store: BlobStore, use_cache: bool = True) -> dict[bytes, C
         except BlobNotFound:
             return {}
         if cached:
-            os.makedirs(cache_dir, exist_ok=True)  # type: ignore[arg-type]
             tmp = f"{cached}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
+            with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
                 f.write(blob)
             os.replace(tmp, cached)
         return decode_toc(pack_digest, blob)

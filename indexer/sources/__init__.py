@@ -10,7 +10,10 @@ read; :meth:`LayerBlob.open` yields the *uncompressed* tar stream and raises
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+
+if TYPE_CHECKING:
+    from indexer.sources.credentials import AuthOptions
 
 
 class SourceError(Exception):
@@ -48,8 +51,10 @@ class ImageSource:
     close: Callable[[], None] = field(default=lambda: None, repr=False)
 
 
-def open_source(ref: str, *, platform: str | None = None, insecure: bool = False) -> ImageSource:
-    """Open ``ref`` (``oci:…``, ``docker-archive:…`` or ``docker://…``)."""
+def open_source(ref: str, *, platform: str | None = None, insecure: bool = False,
+                auth: AuthOptions | None = None) -> ImageSource:
+    """Open ``ref`` (``oci:…``, ``docker-archive:…`` or ``docker://…``); ``auth`` says
+    where a registry's credentials are (:mod:`indexer.sources.credentials`)."""
     if ref.startswith("oci:"):
         from indexer.sources.oci_layout import open_oci_layout
 
@@ -61,5 +66,5 @@ def open_source(ref: str, *, platform: str | None = None, insecure: bool = False
     if ref.startswith("docker://"):
         from indexer.sources.registry import open_registry
 
-        return open_registry(ref[len("docker://"):], platform=platform, insecure=insecure)
+        return open_registry(ref[len("docker://"):], platform=platform, insecure=insecure, auth=auth)
     raise SourceError(f"{ref!r}: unknown transport (use oci:DIR[:TAG], docker-archive:FILE or docker://HOST/REPO[:TAG])")

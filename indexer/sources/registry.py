@@ -20,17 +20,14 @@ Trust decisions made here:
 
 Authentication follows the registry's ``WWW-Authenticate`` challenge: ``Bearer``
 (fetch a token from the realm, anonymously or with credentials) or ``Basic``.
-Credentials come from the first auth file that has an entry for the registry:
-``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json`` (skopeo/podman),
-then ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``; entries are
-``auths`` -> ``auth`` (base64 ``user:password``) or ``username``/``password``.
-Credential helpers (``credsStore``) and OAuth2 refresh tokens are not supported.
+Credentials (``--creds``, ``--authfile``, auth files and credential helpers) are
+:mod:`indexer.sources.credentials`'s business; they are looked up only when the
+registry asks for them.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import http.client
 import ipaddress
 import json
@@ -43,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, cast
 
 from indexer.sources import ImageSource, SourceError
+from indexer.sources.credentials import AuthOptions, Credentials, Registry, auth_files, find_credentials
 from indexer.sources.manifest import (
     ACCEPT, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Descriptor, check_digest, read_limited,
     resolve_image, sha256_digest, verify_blob,
@@ -123,67 +121,8 @@ def is_loopback(host: str) -> bool:
 # -- credentials -------------------------------------------------------------------
 
 
-def auth_files() -> list[str]:
-    """Where credentials are looked for, in order (see module doc)."""
-    files = []
-    if os.environ.get("REGISTRY_AUTH_FILE"):
-        files.append(os.environ["REGISTRY_AUTH_FILE"])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        files.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"))
-    docker_dir = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    files.append(os.path.join(docker_dir, "config.json"))
-    return files
-
-
-def _auth_key_matches(key: str, ref: RegistryRef) -> int:
-    """How specifically an ``auths`` key names this registry/repo (0: not at all)."""
-    key = re.sub(r"^[a-z]+://", "", key).rstrip("/")
-    host, _, path = key.partition("/")
-    hosts = {ref.host, ref.api_host}
-    if ref.host == DOCKER_HUB:
-        hosts |= {"index.docker.io"}
-        if path == "v1":
-            path = ""
-    if host not in hosts:
-        return 0
-    if not path:
-        return 1
-    if ref.repo == path or ref.repo.startswith(path + "/"):
-        return 1 + len(path)
-    return 0
-
-
-def find_credentials(ref: RegistryRef) -> tuple[str, str, str] | None:
-    """(user, password, file) for the registry of ``ref``, from the first auth file
-    that has an entry for it; None if none has."""
-    for path in auth_files():
-        try:
-            with open(path, "rb") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as e:
-            raise SourceError(f"cannot read registry credentials from {path}: {e}") from None
-        auths = doc.get("auths") if isinstance(doc, dict) else None
-        if not isinstance(auths, dict):
-            continue
-        best = max(auths, key=lambda k: _auth_key_matches(k, ref), default=None)
-        if best is None or not _auth_key_matches(best, ref):
-            continue
-        entry = auths[best]
-        if not isinstance(entry, dict):
-            raise SourceError(f"{path}: auths entry {best!r} is not a JSON object")
-        if entry.get("auth"):
-            try:
-                user, sep, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError, TypeError) as e:
-                raise SourceError(f"{path}: auths entry {best!r}: 'auth' is not base64 of user:password ({e})") from None
-            if not sep:
-                raise SourceError(f"{path}: auths entry {best!r}: 'auth' does not decode to user:password")
-            return user, password, path
-        if entry.get("username") and isinstance(entry.get("password"), str):
-            return str(entry["username"]), entry["password"], path
-    return None
+def _registry(ref: RegistryRef) -> Registry:
+    return Registry(ref.host, ref.api_host, ref.repo)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -247,7 +186,8 @@ def _excerpt(body: bytes) -> str:
 class RegistryClient:
     """Pulls manifests and blobs of one repository, with auth and trust as above."""
 
-    def __init__(self, ref: RegistryRef, display: str, *, insecure: bool = False, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, ref: RegistryRef, display: str, *, insecure: bool = False, timeout: float = DEFAULT_TIMEOUT,
+                 auth: AuthOptions | None = None) -> None:
         self.ref = ref
         self.display = display
         self.insecure = insecure
@@ -255,8 +195,9 @@ class RegistryClient:
         scheme = "http" if is_loopback(ref.api_host) else "https"
         self._base = f"{scheme}://{ref.api_host}"
         self._authorization: str | None = None
+        self._auth_options = auth
         self._creds_loaded = False
-        self._creds: tuple[str, str, str] | None = None
+        self._creds: Credentials | None = None
 
     # -- transport ------------------------------------------------------------------
 
@@ -357,17 +298,18 @@ class RegistryClient:
 
     # -- auth -----------------------------------------------------------------------
 
-    def _credentials(self) -> tuple[str, str, str] | None:
+    def _credentials(self) -> Credentials | None:
         if not self._creds_loaded:
-            self._creds = find_credentials(self.ref)
+            self._creds = find_credentials(_registry(self.ref), self._auth_options)
             self._creds_loaded = True
         return self._creds
 
     def _auth_error(self, body: bytes) -> SourceError:
         detail = f": {_excerpt(body)}" if body else ""
         if self._creds is not None:
-            return SourceError(f"{self.display}: authentication denied (HTTP 401) with the credentials for {self.ref.host} from {self._creds[2]}{detail}")
-        return SourceError(f"{self.display}: authentication required (HTTP 401) and no credentials for {self.ref.host} in {', '.join(auth_files())}{detail}")
+            return SourceError(f"{self.display}: authentication denied (HTTP 401) with the credentials for {self.ref.host} from {self._creds.origin}{detail}")
+        return SourceError(f"{self.display}: authentication required (HTTP 401) and no credentials for {self.ref.host} "
+                           f"(give --creds USER:PASSWORD, or --authfile; searched {', '.join(auth_files(self._auth_options))}){detail}")
 
     def _answer(self, challenge: str) -> str | None:
         """The Authorization header that answers ``challenge``; None if we have none."""
@@ -378,12 +320,12 @@ class RegistryClient:
         if scheme == "basic":
             if creds is None:
                 return None
-            return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+            return "Basic " + base64.b64encode(f"{creds.user}:{creds.password}".encode()).decode()
         if scheme == "bearer":
             return "Bearer " + self._token(params, creds)
         raise SourceError(f"{self.display}: registry asks for unsupported authentication {challenge!r}")
 
-    def _token(self, params: dict[str, str], creds: tuple[str, str, str] | None) -> str:
+    def _token(self, params: dict[str, str], creds: Credentials | None) -> str:
         realm = params.get("realm")
         if not realm:
             raise SourceError(f"{self.display}: Bearer challenge without a realm")
@@ -391,7 +333,7 @@ class RegistryClient:
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
         headers = {"User-Agent": USER_AGENT}
         if creds is not None:
-            headers["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{creds.user}:{creds.password}".encode()).decode()
         resp, conn = self._send(url, headers)
         body = self._drain(resp, conn, MAX_MANIFEST_SIZE)
         if resp.status in (401, 403):
@@ -444,10 +386,11 @@ class RegistryClient:
         return cast(BinaryIO, _BlobStream(resp, conn, f"{self.display}: {what} {digest}"))
 
 
-def open_registry(ref: str, platform: str | None = None, insecure: bool = False, *, timeout: float = DEFAULT_TIMEOUT) -> ImageSource:
+def open_registry(ref: str, platform: str | None = None, insecure: bool = False, *, timeout: float = DEFAULT_TIMEOUT,
+                  auth: AuthOptions | None = None) -> ImageSource:
     """Open ``HOST[:PORT]/REPO[:TAG|@DIGEST]`` (the part after ``docker://``)."""
     display = f"docker://{ref}"
-    client = RegistryClient(parse_reference(ref), display, insecure=insecure, timeout=timeout)
+    client = RegistryClient(parse_reference(ref), display, insecure=insecure, timeout=timeout, auth=auth)
     top, media_type = client.manifest(client.ref.reference)
 
     def fetch_manifest(desc: Descriptor) -> tuple[bytes, str]:
