@@ -38,13 +38,19 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="fetch only what is read; by default the image's chunks are brought to the SSD "
                    "cache in the background, in layout order, after what readers ask for (with --az-cache, "
                    "only once a read has had to go past the zone's cache to the store)")
+    g = p.add_argument_group("serving")
+    g.add_argument("--fs", choices=("auto", "erofs", "fuse"), default="auto",
+                   help="how the tree is served: 'erofs' = the kernel's EROFS answers lookups, stats and "
+                   "listings from metadata imagefs writes, and file data comes through FUSE once per page; "
+                   "'fuse' = every request through FUSE; 'auto' = erofs where this kernel can (Linux >= 6.12 "
+                   "with file-backed EROFS), else fuse, saying why in the mount's log (default: auto)")
 
 
 def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
     from imagefs.mount import MountOptions
 
     opts = MountOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,
-                        az_cache=list(args.az_cache or []), prefetch=args.prefetch)
+                        az_cache=list(args.az_cache or []), prefetch=args.prefetch, fs=args.fs)
     if args.cache_size is not None:
         opts.cache_size = args.cache_size
     if args.memory_size is not None:
@@ -129,9 +135,14 @@ def format_stats(stats: dict[str, Any]) -> str:
     """A short human summary of a daemon's stats."""
     lines = [f"{stats['mountpoint']}: {stats['image']} ({stats['digest']}), pid {stats['pid']}, "
              f"up {stats['uptime_s']:.0f}s"]
+    fs = stats.get("fs") or {}
+    if fs.get("mode") == "erofs":
+        lines.append(f"served as EROFS: metadata {fs.get('metadata')} ({(fs.get('metadata_bytes') or 0) / (1 << 20):.1f} "
+                     f"MiB), file data through the FUSE blob {fs.get('blob')}")
     req = stats.get("requests", {})
     ops = req.get("ops", {})
-    lines.append("requests: " + (", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
+    what = "FUSE requests of the blob" if fs.get("mode") == "erofs" else "requests"
+    lines.append(f"{what}: " + (", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
     errors = req.get("errors", {})
     if errors:
         lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imagefs.mount import (CACHE_SECRET_ENV, ERROR_PREFIX, FAULT_ENV, READY, MountError, MountOptions, RunPaths,
-                           check_mountpoint, default_cache_dir, mounted_at, process_start_time)
+                           check_mountpoint, default_cache_dir, is_mountpoint, mounted_at, process_start_time)
 
 log = logging.getLogger(__name__)
 
@@ -125,31 +125,49 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
     import pyfuse3
     import trio
 
+    from imagefs.erofs.session import ErofsUnavailable, prepare
     from imagefs.fuse_ops import FuseOps
     from imagefs.vfs import VFS
 
-    ops = FuseOps(VFS(index, reader, name=image), fault=fault_hook_from_env())
+    paths = RunPaths.of(mp)
+    try:  # EROFS over a FUSE-served blob where the kernel can (imagefs.erofs), else the plain mount
+        kernel = prepare(index, image, mp, opts, paths)
+    except ErofsUnavailable as e:
+        if ssd is not None:
+            ssd.close()
+        _write_ready(ready_fd, ERROR_PREFIX + str(e).encode() + b"\n")
+        raise MountError(str(e)) from e
+    fs = kernel.filesystem(reader, image) if kernel is not None else VFS(index, reader, name=image)
+    ops = FuseOps(fs, fault=fault_hook_from_env())  # type: ignore[arg-type]  # BlobFS has VFS's shape
     # From pyfuse3.init on, nothing on this thread may touch the mountpoint (not even
     # realpath): the kernel would wait for the loop this thread has not started yet.
-    paths = RunPaths.of(mp)
-    options = {"fsname=imagefs", "subtype=imagefs", "ro", "default_permissions", "allow_other"}
+    fuse_mp = kernel.blob_dir if kernel is not None else mp
+    options = set(kernel.fuse_options) if kernel is not None else {
+        "fsname=imagefs", "subtype=imagefs", "ro", "default_permissions", "allow_other"}
     try:
-        pyfuse3.init(ops, mp, options)
+        pyfuse3.init(ops, fuse_mp, options)
     except RuntimeError as e:
         if ssd is not None:
             ssd.close()
+        if kernel is not None:
+            kernel.cleanup()
         err = MountError(f"cannot mount {image} at {mountpoint}: FUSE mount failed ({e})")
         _write_ready(ready_fd, ERROR_PREFIX + str(err).encode() + b"\n")
         raise err from e
     # Prefetch into the SSD tier only, and never more than half of it.
     budget = opts.cache_size // 2 if (opts.prefetch and ssd is not None) else 0
-    daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget)
+    daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget,
+                     kernel=kernel)
     try:
         trio.run(daemon.run)
     finally:
         # Unmount unless someone already did (fusermount3 -u): asking twice only
         # makes libfuse print an error. mountinfo is read without touching the mount.
-        pyfuse3.close(unmount=mounted_at(mp))
+        if kernel is not None:
+            kernel.unmount()  # EROFS before the blob it reads
+        pyfuse3.close(unmount=is_mountpoint(fuse_mp) if kernel is not None else mounted_at(mp))
+        if kernel is not None:
+            kernel.cleanup()
         daemon.cleanup()
         if ssd is not None:
             ssd.close()
@@ -161,8 +179,10 @@ class _Daemon:
     """The trio side of a mount: the FUSE loop, signals, stats and the readiness probe."""
 
     def __init__(self, image: str, digest: str, paths: RunPaths, ops: Any, reader: Any,
-                 ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0) -> None:
+                 ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0, kernel: Any = None) -> None:
         self.index = index
+        self.kernel = kernel  # an imagefs.erofs.session.ErofsMount, or None for a plain mount
+        self.fuse_mountpoint = kernel.blob_dir if kernel is not None else paths.mountpoint
         self.prefetch_budget = prefetch_budget
         self.prefetch_progress: Any = None  # an imagefs.prefetch.Progress while prefetch is on
         self.ready: Any = None  # a trio.Event, made inside the loop
@@ -220,10 +240,12 @@ class _Daemon:
         from imagefs.readahead import set_read_ahead_kb
 
         def probe() -> None:
-            st = os.stat(self.paths.mountpoint)  # a round trip through the kernel and our loop
+            st = os.stat(self.fuse_mountpoint)  # a round trip through the kernel and our loop
             if st.st_ino != 1:
                 raise OSError(errno.EIO, f"mountpoint answered with inode {st.st_ino}")
-            set_read_ahead_kb(self.paths.mountpoint)
+            set_read_ahead_kb(self.fuse_mountpoint)
+            if self.kernel is not None:
+                self.kernel.mount()  # EROFS on the mountpoint, its blob read through our loop
 
         try:
             await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
@@ -288,6 +310,7 @@ class _Daemon:
             "image": self.image, "digest": self.digest, "mountpoint": self.paths.mountpoint,
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "requests": self.ops.counters(),
+            "fs": self.kernel.describe() if self.kernel is not None else {"mode": "fuse"},
         }
         stats = getattr(self.reader, "stats", None)
         if stats is not None:

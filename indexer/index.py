@@ -199,6 +199,17 @@ class Index:
             raise IsADirectoryError(ino) if stat.S_ISDIR(raw[0]) else ValueError(f"inode {ino} is not a regular file")
         return raw[7], raw[8]
 
+    def chunk_numbers(self, ino: int) -> memoryview:
+        """The chunk-table number of each chunk of a regular file, in file order."""
+        first, count = self.file_chunks(ino)
+        return self._extents[first: first + count]
+
+    def chunk_ulens(self) -> list[int]:
+        """The uncompressed size of every chunk, by chunk number (one pass over the table)."""
+        h = self._h
+        table = self._mv[h.chunks_off: h.chunks_off + CHUNK.size * h.n_chunks]
+        return [rec[4] for rec in CHUNK.iter_unpack(table)]
+
     def chunks_for_range(self, ino: int, offset: int, length: int) -> list[tuple[int, ChunkRef]]:
         """The chunks covering ``[offset, offset+length)`` of a file, each with the
         file offset where it starts. Found by arithmetic: chunk i covers
