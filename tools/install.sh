@@ -16,6 +16,7 @@ DEBIAN_PACKAGES=(
   debootstrap squashfs-tools squashfuse casync                 # bench images and peers
   iproute2 kmod psmisc curl ca-certificates                    # bench network emulation, teardown
   busybox-static                                               # small real images for container tests
+  erofs-utils                                                  # fsck.erofs: a second reader of imagefs's EROFS metadata
 )
 
 missing=()
