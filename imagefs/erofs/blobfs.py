@@ -164,8 +164,7 @@ class BlobFS:
         if left >= end - offset:  # the common case: the whole read is inside one slot
             if n < 0:
                 return _zeros(end - offset)
-            data = await self._get(n)
-            return memoryview(data)[inside: inside + end - offset]
+            return await self._part(n, inside, end - offset)
         pieces: list[tuple[int, int, int]] = []  # (chunk or -1, offset in it, length)
         pos = offset
         while pos < end:
@@ -183,14 +182,23 @@ class BlobFS:
         return b"".join(_zeros(take) if n < 0 else memoryview(got[n])[inside: inside + take]
                         for n, inside, take in pieces)
 
+    async def _part(self, n: int, inside: int, length: int) -> memoryview:
+        """Bytes of chunk ``n``. The whole chunk is asked of the chain (and kept in its memory
+        tier): reading only the part from the SSD tier was measured slower for EROFS reads,
+        which cover most of each chunk they touch (bench/RESULTS.md "EROFS mounts")."""
+        return memoryview(await self._get(n))[inside: inside + length]
+
     async def _get(self, n: int) -> bytes:
         ref = self.index.chunk(n)
         try:
             return await self.reader.get(ref, _Neighbours(self.index, n, self.neighbour_window))
         except Exception as e:
-            path = self.file_of(n)
-            log.error("image %s: %s: %s (chunk %d of the blob): cannot be read: %s", self.name, path, ref, n, e)
-            raise VFSError(errno.EIO, f"{path}: {ref}: {e}") from e
+            raise self._failed(n, ref, e) from e
+
+    def _failed(self, n: int, ref: ChunkRef, e: BaseException) -> VFSError:
+        path = self.file_of(n)
+        log.error("image %s: %s: %s (chunk %d of the blob): cannot be read: %s", self.name, path, ref, n, e)
+        return VFSError(errno.EIO, f"{path}: {ref}: {e}")
 
     def file_of(self, n: int) -> str:
         """A path of the image whose file holds chunk ``n`` (for error messages: it walks
