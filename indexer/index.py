@@ -88,6 +88,17 @@ class Index:
         mode, uid, gid, nlink, parent, _xs, _xc, _a, _b, size, mtime_ns, rdev = self._raw(ino)
         return Inode(ino, mode, uid, gid, nlink, parent, size, mtime_ns, rdev)
 
+    def inodes(self) -> list[Inode]:
+        """Every inode, in inode order (inode N is item N-1), decoded in one pass: for a
+        caller that visits them all (writing EROFS metadata), not for lookups."""
+        h = self._h
+        table = self._mv[h.inodes_off: h.inodes_off + INODE.size * h.n_inodes]
+        return [Inode(ino, r[0], r[1], r[2], r[3], r[4], r[9], r[10], r[11])
+                for ino, r in enumerate(INODE.iter_unpack(table), start=1)]
+
+    def xattr_count(self, ino: int) -> int:
+        return self._raw(ino)[6]
+
     def _string(self, off: int, ln: int) -> bytes:
         start = self._strings + off
         return self._body[start: start + ln]

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import stat
 import struct
+import sys
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,10 +46,13 @@ import blake3
 from imagefs.erofs import ondisk as d
 from imagefs.erofs.slots import SlotMap
 
+from indexer.index import Inode
+
 if TYPE_CHECKING:
     from indexer.index import Index
 
 WRITER_VERSION = 1
+assert sys.byteorder == "little"  # chunk index tables are written as native u64 arrays
 HEADER_MAGIC = b"IMGFSERO"
 # magic, writer version, index digest (raw blake3), blake3 of bytes [1024, end)
 HEADER = struct.Struct("<8sI32s32s")
@@ -57,6 +62,8 @@ INODES_START = DEVT_SLOTOFF * d.DEVICE_SLOT.size + d.DEVICE_SLOT.size  # one ext
 BLOB_TAG = b"imagefs virtual blob"
 
 _U64 = (1 << 64) - 1
+CHUNK_ON_BLOB = 1 << 16  # device_id 1 (the blob) in an 8-byte chunk index read as a u64
+assert d.CHUNK_INDEX.pack(0, 1, 7) == ((7 << 32) | CHUNK_ON_BLOB).to_bytes(8, "little")
 
 
 class Unrepresentable(ValueError):
@@ -88,7 +95,7 @@ class _Rec:
 
 
 def _xattr_body(index: "Index", ino: int) -> bytes:
-    pairs = index.xattrs(ino)
+    pairs = index.xattrs(ino) if index.xattr_count(ino) else []
     if not pairs:
         return b""
     out = bytearray(d.XATTR_IBODY_HEADER.pack(0, 0, b""))
@@ -142,13 +149,11 @@ def _dir_size(blocks: list[list[tuple[bytes, int]]]) -> tuple[int, int]:
 def build(index: "Index", slots: SlotMap) -> bytearray:
     """The EROFS metadata image of ``index`` (see the module docstring), chunks at ``slots``."""
     n = index.n_inodes
-    modes = [0] * (n + 1)
-    inodes = [None] * (n + 1)
+    blocks_of = [start >> d.BLOCK_BITS for start in slots.starts]  # chunk number -> blob block
+    chunks_of: dict[int, memoryview] = {}  # regular file -> its chunk numbers
+    inodes: list[Inode | None] = [None, *index.inodes()]
+    modes = [0] + [i.mode for i in inodes[1:] if i is not None]
     recs: list[_Rec | None] = [None] * (n + 1)
-    for ino in range(1, n + 1):
-        node = index.inode(ino)
-        inodes[ino] = node  # type: ignore[call-overload]
-        modes[ino] = node.mode
     # Pass 1: each record's shape and size (nids are not known yet).
     for ino in range(1, n + 1):
         node = inodes[ino]
@@ -157,7 +162,8 @@ def build(index: "Index", slots: SlotMap) -> bytearray:
         head = d.INODE.size + len(xbody)
         fmt = stat.S_IFMT(node.mode)
         if fmt == stat.S_IFREG:
-            count = len(index.chunk_numbers(ino))
+            chunks_of[ino] = index.chunk_numbers(ino)
+            count = len(chunks_of[ino])
             if node.size == 0:
                 rec = _Rec(d.FLAT_PLAIN, xbody, head, head)
             else:
@@ -248,9 +254,8 @@ def build(index: "Index", slots: SlotMap) -> bytearray:
             p += len(rec.xbody)
         if rec.layout == d.CHUNK_BASED:
             p = at + d.align(rec.head, d.CHUNK_INDEX.size)
-            table = bytearray(d.CHUNK_INDEX.size * len(index.chunk_numbers(ino)))
-            for i, chunk_no in enumerate(index.chunk_numbers(ino)):
-                d.CHUNK_INDEX.pack_into(table, i * d.CHUNK_INDEX.size, 0, 1, slots.block(chunk_no))
+            # Each 8-byte chunk index as one little-endian u64: startblk_hi 0, device 1, block.
+            table = array("Q", [(blocks_of[c] << 32) | CHUNK_ON_BLOB for c in chunks_of[ino]]).tobytes()
             out[p: p + len(table)] = table
         elif rec.inline:
             out[p: p + len(rec.inline)] = rec.inline
