@@ -67,6 +67,7 @@ def _preload() -> None:
     import cache.memory  # noqa: F401
     import cache.ssd  # noqa: F401
     import cache.stores  # noqa: F401
+    import imagefs.erofs.session  # noqa: F401  (the writer, the blob's file system, mount(2))
     import imagefs.fuse_ops  # noqa: F401
     import imagefs.readahead  # noqa: F401
     import imagefs.vfs  # noqa: F401

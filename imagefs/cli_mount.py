@@ -55,6 +55,12 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="stop recording this long after the mount at the latest (default: 300)")
     g.add_argument("--record-replace", dest="record_merge", action="store_false",
                    help="replace the image's profile with this recording (default: merge into it)")
+    g = p.add_argument_group("serving")
+    g.add_argument("--fs", choices=("auto", "erofs", "fuse"), default="auto",
+                   help="how the tree is served: 'erofs' = the kernel's EROFS answers lookups, stats and "
+                   "listings from metadata imagefs writes, and file data comes through FUSE once per page; "
+                   "'fuse' = every request through FUSE; 'auto' = erofs where this kernel can (Linux >= 6.12 "
+                   "with file-backed EROFS), else fuse, saying why in the mount's log (default: auto)")
 
 
 def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
@@ -63,7 +69,7 @@ def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
     opts = MountOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,
                         az_cache=list(args.az_cache or []), prefetch=args.prefetch, replay=args.replay,
                         record=args.record, record_quiet_s=args.record_quiet, record_max_s=args.record_max,
-                        record_merge=args.record_merge, read_ahead_kb=args.read_ahead)
+                        record_merge=args.record_merge, read_ahead_kb=args.read_ahead, fs=args.fs)
     if opts.record_quiet_s <= 0 or opts.record_max_s <= 0:
         from imagefs.cli import CLIError
 
@@ -152,9 +158,14 @@ def format_stats(stats: dict[str, Any]) -> str:
     """A short human summary of a daemon's stats."""
     lines = [f"{stats['mountpoint']}: {stats['image']} ({stats['digest']}), pid {stats['pid']}, "
              f"up {stats['uptime_s']:.0f}s"]
+    fs = stats.get("fs") or {}
+    if fs.get("mode") == "erofs":
+        lines.append(f"served as EROFS: metadata {fs.get('metadata')} ({(fs.get('metadata_bytes') or 0) / (1 << 20):.1f} "
+                     f"MiB), file data through the FUSE blob {fs.get('blob')}")
     req = stats.get("requests", {})
     ops = req.get("ops", {})
-    lines.append("requests: " + (", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
+    what = "FUSE requests of the blob" if fs.get("mode") == "erofs" else "requests"
+    lines.append(f"{what}: " + (", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
     errors = req.get("errors", {})
     if errors:
         lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))

@@ -36,7 +36,7 @@ from typing import Any
 
 from cache.private import FILE_MODE, open_private, private_dir
 from imagefs.mount import (CACHE_SECRET_ENV, ERROR_PREFIX, FAULT_ENV, READY, MountError, MountOptions, RunPaths,
-                           check_mountpoint, default_cache_dir, mounted_at, process_start_time)
+                           check_mountpoint, default_cache_dir, is_mountpoint, mounted_at, process_start_time)
 
 log = logging.getLogger(__name__)
 
@@ -126,26 +126,38 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
     import pyfuse3
     import trio
 
+    from imagefs.erofs.session import ErofsUnavailable, prepare
     from imagefs.fuse_ops import FuseOps
     from imagefs.vfs import VFS
 
-    vfs = VFS(index, reader, name=image)
+    paths = RunPaths.of(mp)
+    try:  # EROFS over a FUSE-served blob where the kernel can (imagefs.erofs), else the plain mount
+        kernel = prepare(index, image, mp, opts, paths)
+    except ErofsUnavailable as e:
+        if ssd is not None:
+            ssd.close()
+        _write_ready(ready_fd, ERROR_PREFIX + str(e).encode() + b"\n")
+        raise MountError(str(e)) from e
+    fs = kernel.filesystem(reader, image) if kernel is not None else VFS(index, reader, name=image)
     recorder = None
     if opts.record:
         from imagefs.recorder import Recorder
 
         # Attached before the loop starts: no read may be missed.
-        recorder = vfs.recorder = Recorder(index, quiet_s=opts.record_quiet_s, max_s=opts.record_max_s)
-    ops = FuseOps(vfs, fault=fault_hook_from_env())
+        recorder = fs.recorder = Recorder(index, quiet_s=opts.record_quiet_s, max_s=opts.record_max_s)
+    ops = FuseOps(fs, fault=fault_hook_from_env())  # type: ignore[arg-type]  # BlobFS has VFS's shape
     # From pyfuse3.init on, nothing on this thread may touch the mountpoint (not even
     # realpath): the kernel would wait for the loop this thread has not started yet.
-    paths = RunPaths.of(mp)
-    options = {"fsname=imagefs", "subtype=imagefs", "ro", "default_permissions", "allow_other"}
+    fuse_mp = kernel.blob_dir if kernel is not None else mp
+    options = set(kernel.fuse_options) if kernel is not None else {
+        "fsname=imagefs", "subtype=imagefs", "ro", "default_permissions", "allow_other"}
     try:
-        pyfuse3.init(ops, mp, options)
+        pyfuse3.init(ops, fuse_mp, options)
     except RuntimeError as e:
         if ssd is not None:
             ssd.close()
+        if kernel is not None:
+            kernel.cleanup()
         err = MountError(f"cannot mount {image} at {mountpoint}: FUSE mount failed ({e})")
         _write_ready(ready_fd, ERROR_PREFIX + str(err).encode() + b"\n")
         raise err from e
@@ -153,13 +165,17 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
     budget = opts.cache_size // 2 if (opts.prefetch and ssd is not None) else 0
     daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget,
                      store=store, replay=opts.replay, recorder=recorder, record_merge=opts.record_merge,
-                     read_ahead_kb=opts.read_ahead_kb)
+                     read_ahead_kb=opts.read_ahead_kb, kernel=kernel)
     try:
         trio.run(daemon.run)
     finally:
         # Unmount unless someone already did (fusermount3 -u): asking twice only
         # makes libfuse print an error. mountinfo is read without touching the mount.
-        pyfuse3.close(unmount=mounted_at(mp))
+        if kernel is not None:
+            kernel.unmount()  # EROFS before the blob it reads
+        pyfuse3.close(unmount=is_mountpoint(fuse_mp) if kernel is not None else mounted_at(mp))
+        if kernel is not None:
+            kernel.cleanup()
         daemon.save_recording("unmounted")
         daemon.cleanup()
         if ssd is not None:
@@ -174,10 +190,12 @@ class _Daemon:
     def __init__(self, image: str, digest: str, paths: RunPaths, ops: Any, reader: Any,
                  ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0, store: Any = None,
                  replay: bool = False, recorder: Any = None, record_merge: bool = True,
-                 read_ahead_kb: int | None = None) -> None:
+                 read_ahead_kb: int | None = None, kernel: Any = None) -> None:
         self.read_ahead_kb = read_ahead_kb
         self.index = index
         self.store = store
+        self.kernel = kernel  # an imagefs.erofs.session.ErofsMount, or None for a plain mount
+        self.fuse_mountpoint = kernel.blob_dir if kernel is not None else paths.mountpoint
         self.prefetch_budget = prefetch_budget
         self.prefetch_progress: Any = None  # an imagefs.prefetch.Progress while prefetch is on
         self.replay_status: Any = None  # an imagefs.replay.ReplayStatus while a replay is on
@@ -286,11 +304,15 @@ class _Daemon:
         from imagefs.readahead import DEFAULT_READ_AHEAD_KB, set_read_ahead_kb
 
         def probe() -> None:
-            st = os.stat(self.paths.mountpoint)  # a round trip through the kernel and our loop
+            st = os.stat(self.fuse_mountpoint)  # a round trip through the kernel and our loop
             if st.st_ino != 1:
                 raise OSError(errno.EIO, f"mountpoint answered with inode {st.st_ino}")
-            kb = DEFAULT_READ_AHEAD_KB if self.read_ahead_kb is None else self.read_ahead_kb
-            set_read_ahead_kb(self.paths.mountpoint, kb)
+            if self.kernel is not None:
+                set_read_ahead_kb(self.fuse_mountpoint)
+                self.kernel.mount()  # EROFS on the mountpoint, its blob read through our loop
+            else:
+                kb = DEFAULT_READ_AHEAD_KB if self.read_ahead_kb is None else self.read_ahead_kb
+                set_read_ahead_kb(self.fuse_mountpoint, kb)
 
         try:
             await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
@@ -356,6 +378,7 @@ class _Daemon:
             "image": self.image, "digest": self.digest, "mountpoint": self.paths.mountpoint,
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "requests": self.ops.counters(),
+            "fs": self.kernel.describe() if self.kernel is not None else {"mode": "fuse"},
         }
         stats = getattr(self.reader, "stats", None)
         if stats is not None:

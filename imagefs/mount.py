@@ -40,6 +40,11 @@ GiB = 1 << 30
 MiB = 1 << 20
 INFO = 20  # logging.INFO, without importing logging
 FSTYPE = "fuse.imagefs"
+EROFS_FSTYPE = "erofs"
+# An EROFS mount is imagefs's when its source (the metadata image) is named like this.
+EROFS_META_PREFIX = "imagefs-"
+EROFS_META_SUFFIX = ".erofs"
+FS_MODES = ("auto", "erofs", "fuse")
 AGENT_SOCKET_NAME = "agent.sock"
 READY = b"ready\n"
 ERROR_PREFIX = b"error: "
@@ -94,17 +99,21 @@ class MountOptions:
     """How to serve a mount: where chunks come from and how much may be cached.
 
     ``cache_size`` 0 disables the SSD tier; ``az_cache`` lists the zone's cache servers
-    (``host:port``), asked before the blob store. (A plain class, not a dataclass:
-    see the module docstring.)
+    (``host:port``), asked before the blob store. ``fs`` is how the tree is served:
+    ``erofs`` (the kernel's EROFS over imagefs's metadata, file data through FUSE:
+    :mod:`imagefs.erofs`), ``fuse`` (every request through FUSE) or ``auto`` (EROFS
+    where this kernel can, else FUSE). (A plain class, not a dataclass: see the
+    module docstring.)
     """
 
-    __slots__ = ("store", "s3_endpoint", "cache_dir", "cache_size", "memory_size", "az_cache", "prefetch",
+    __slots__ = ("store", "s3_endpoint", "cache_dir", "cache_size", "memory_size", "az_cache", "prefetch", "fs",
                  "replay", "record", "record_quiet_s", "record_max_s", "record_merge", "read_ahead_kb")
 
     def __init__(self, store: str | None = None, s3_endpoint: str | None = None, cache_dir: str | None = None,
                  cache_size: int = 10 * GiB, memory_size: int = 512 * MiB, az_cache: list[str] | None = None,
-                 prefetch: bool = True, replay: bool = True, record: bool = False, record_quiet_s: float = 10.0,
-                 record_max_s: float = 300.0, record_merge: bool = True, read_ahead_kb: int | None = None) -> None:
+                 prefetch: bool = True, fs: str = "auto", replay: bool = True, record: bool = False,
+                 record_quiet_s: float = 10.0, record_max_s: float = 300.0, record_merge: bool = True,
+                 read_ahead_kb: int | None = None) -> None:
         self.store = store
         self.s3_endpoint = s3_endpoint
         self.cache_dir = cache_dir
@@ -112,6 +121,9 @@ class MountOptions:
         self.memory_size = memory_size
         self.az_cache: list[str] = list(az_cache or [])
         self.prefetch = prefetch  # bring the image's chunks to the SSD tier in the background
+        if fs not in FS_MODES:
+            raise ValueError(f"fs must be one of {', '.join(FS_MODES)}, not {fs!r}")
+        self.fs = fs
         self.replay = replay  # stream the image's startup profile at mount, if it has one
         self.record = record  # record a startup profile and save it to the store
         self.record_quiet_s = record_quiet_s  # ... until nothing new is read for this long
@@ -157,9 +169,14 @@ class RunPaths(namedtuple("RunPaths", "mountpoint socket log record")):
         base = os.path.join(run_dir(), key)
         return cls(mp, base + ".sock", base + ".log", base + ".json")
 
+    def beside(self, suffix: str) -> str:
+        """Another run-directory path of this mount, e.g. ``.blob`` (an EROFS mount's blob)."""
+        return self.record[: -len(".json")] + suffix
+
 
 class MountInfo(namedtuple("MountInfo", "mountpoint device fstype source")):
-    """One line of /proc/self/mountinfo that is an imagefs mount."""
+    """One line of /proc/self/mountinfo that is an imagefs mount (``fstype`` is FSTYPE
+    for a FUSE mount, EROFS_FSTYPE for an EROFS one)."""
 
     __slots__ = ()
     mountpoint: str
@@ -175,17 +192,31 @@ def _unescape(field_: str) -> str:
     return field_.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
 
 
+def is_erofs_metadata(source: str) -> bool:
+    """Whether a mount source is EROFS metadata that imagefs wrote (see imagefs.erofs.session)."""
+    base = os.path.basename(source)
+    return base.startswith(EROFS_META_PREFIX) and base.endswith(EROFS_META_SUFFIX)
+
+
 def find_mounts() -> list[MountInfo]:
-    """Every imagefs mount visible in this mount namespace."""
+    """Every imagefs mount visible in this mount namespace: FUSE mounts of an image and
+    EROFS mounts of imagefs metadata (not the private FUSE mounts of their blobs)."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             parts, rparts = left.split(), right.split()
-            if len(parts) < 5 or len(rparts) < 2 or rparts[0] != FSTYPE:
+            if len(parts) < 5 or len(rparts) < 2:
                 continue
-            out.append(MountInfo(_unescape(parts[4]), parts[2], rparts[0], _unescape(rparts[1])))
+            if rparts[0] == FSTYPE or (rparts[0] == EROFS_FSTYPE and is_erofs_metadata(_unescape(rparts[1]))):
+                out.append(MountInfo(_unescape(parts[4]), parts[2], rparts[0], _unescape(rparts[1])))
     return out
+
+
+def mount_at(real_path: str) -> MountInfo | None:
+    """The imagefs mount at ``real_path`` (the topmost if stacked), read from /proc only."""
+    found = [m for m in find_mounts() if m.mountpoint == real_path]
+    return found[-1] if found else None
 
 
 def mounted_at(real_path: str) -> bool:
@@ -396,10 +427,40 @@ def _stop_daemon(pid: int, mountpoint: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             _wait_exit(pid, 5.0)
-    if is_imagefs_mount(mountpoint):
-        import subprocess
+    mp = os.path.realpath(mountpoint)
+    info = mount_at(mp)
+    if info is not None and info.fstype == EROFS_FSTYPE:
+        _unmount_erofs(mp, lazy=True)
+    elif info is not None:
+        _fuse_unmount(mp, lazy=True)
+    blob = RunPaths.of(mp).beside(".blob")
+    if is_mountpoint(blob):
+        _fuse_unmount(blob, lazy=True)
 
-        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+def is_mountpoint(real_path: str) -> bool:
+    """Whether anything is mounted at ``real_path`` (from /proc, never the path)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == real_path for line in f)
+
+
+def _fuse_unmount(path: str, *, lazy: bool = False) -> tuple[bool, str]:
+    """fusermount3 -u (-z): (whether it worked, its complaint)."""
+    import subprocess
+
+    res = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), path], capture_output=True, text=True)
+    return res.returncode == 0, res.stderr.strip()
+
+
+def _unmount_erofs(path: str, *, lazy: bool = False) -> tuple[bool, str]:
+    """umount2(2) of an EROFS mount: (whether it worked, the error)."""
+    from imagefs.erofs.kernel import unmount as umount2
+
+    try:
+        umount2(path, lazy=lazy)
+    except OSError as e:
+        return False, e.strerror or str(e)
+    return True, ""
 
 
 def process_start_time(pid: int) -> int | None:
@@ -435,23 +496,32 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
     A daemon still running ``timeout`` s after a clean unmount is terminated: the mount
     lives on only as a copy in another mount namespace (a container or ``unshare -m``
     started while it was mounted), which keeps the FUSE session open.
+
+    An EROFS mount goes first, then the private FUSE mount of its blob; the blob's
+    FUSE session (and so the daemon) ends when the kernel lets go of the blob file,
+    at once for a clean unmount, with the last user of a lazily detached one.
     """
     import signal
-    import subprocess
 
     mp = os.path.realpath(mountpoint)
-    if not is_imagefs_mount(mp):
+    info = mount_at(mp)
+    if info is None:
         raise MountError(f"{mountpoint}: not an imagefs mount")
     paths = RunPaths.of(mp)
     pid = _daemon_pid(paths)
-    res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
-    lazy = res.returncode != 0
+    detach = _unmount_erofs if info.fstype == EROFS_FSTYPE else _fuse_unmount
+    ok, why = detach(mp)
+    lazy = not ok
     if lazy:
-        lazy_res = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
-        if lazy_res.returncode != 0:
-            raise MountError(f"{mountpoint}: cannot unmount: {(lazy_res.stderr or res.stderr).strip()}")
+        ok, why_lazy = detach(mp, lazy=True)
+        if not ok:
+            raise MountError(f"{mountpoint}: cannot unmount: {why_lazy or why}")
         _log().warning("%s: busy (%s); detached it, the daemon exits when the last open file closes",
-                    mountpoint, res.stderr.strip())
+                    mountpoint, why)
+    if info.fstype == EROFS_FSTYPE:
+        blob = paths.beside(".blob")
+        if is_mountpoint(blob) and not _fuse_unmount(blob)[0]:
+            _fuse_unmount(blob, lazy=True)  # the blob is still open (a lazily detached EROFS)
     if pid is None or _wait_exit(pid, timeout):
         _remove_stale(paths)  # the daemon removes them itself, unless it was killed
         return

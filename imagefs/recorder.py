@@ -21,7 +21,7 @@ ends, whichever comes first.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from indexer.index import Index
 from indexer.profile import Profile, entries_from
@@ -50,7 +50,7 @@ class Recorder:
             return
         self.saw_chunks(ino, self.index.chunk_numbers(ino, offset, size))
 
-    def saw_chunks(self, ino: int, numbers: list[int]) -> None:
+    def saw_chunks(self, ino: int, numbers: Iterable[int]) -> None:
         """Reads of chunks by number (for readers that do not go by file and offset)."""
         if self.stopped is not None:
             return

@@ -98,6 +98,18 @@ class Index:
         ``chunk_size`` unless the chunker chose a smaller one for this file."""
         return self._chunk_size_of(self._raw(ino))
 
+    def inodes(self) -> list[Inode]:
+        """Every inode, in inode order (inode N is item N-1), decoded in one pass: for a
+        caller that visits them all (writing EROFS metadata), not for lookups."""
+        h = self._h
+        rec = self._inode
+        table = self._mv[h.inodes_off: h.inodes_off + rec.size * h.n_inodes]
+        return [Inode(ino, r[0], r[1], r[2], r[3], r[4], r[9], r[10], r[11])
+                for ino, r in enumerate(rec.iter_unpack(table), start=1)]
+
+    def xattr_count(self, ino: int) -> int:
+        return self._raw(ino)[6]
+
     def _string(self, off: int, ln: int) -> bytes:
         start = self._strings + off
         return self._body[start: start + ln]
@@ -213,6 +225,17 @@ class Index:
         """(first extent, extent count) of a regular file."""
         first, count, _cs = self._file(ino)
         return first, count
+
+    def file_chunk_numbers(self, ino: int) -> memoryview:
+        """The chunk-table number of each chunk of a regular file, in file order."""
+        first, count = self.file_chunks(ino)
+        return self._extents[first: first + count]
+
+    def chunk_ulens(self) -> list[int]:
+        """The uncompressed size of every chunk, by chunk number (one pass over the table)."""
+        h = self._h
+        table = self._mv[h.chunks_off: h.chunks_off + CHUNK.size * h.n_chunks]
+        return [rec[4] for rec in CHUNK.iter_unpack(table)]
 
     def chunks_for_range(self, ino: int, offset: int, length: int) -> list[tuple[int, ChunkRef]]:
         """The chunks covering ``[offset, offset+length)`` of a file, each with the

@@ -83,7 +83,9 @@ def test_the_callers_environment_travels_with_the_request(env, image, tmp_path, 
     agent = start_agent(env["socket"])  # started without the fault variable
     try:
         monkeypatch.setenv(FAULT_ENV, "readlink")
-        with mounted("agent-test", str(tmp_path / "mp"), MountOptions(store=store, cache_dir=str(tmp_path / "c"))) as m:
+        # fs="fuse": the fault is in the FUSE readlink handler, which only a plain mount calls.
+        opts = MountOptions(store=store, cache_dir=str(tmp_path / "c"), fs="fuse")
+        with mounted("agent-test", str(tmp_path / "mp"), opts) as m:
             assert "agent" in cmdline(m.pid)
             with pytest.raises(OSError) as e:
                 os.readlink(os.path.join(m.path, "link"))

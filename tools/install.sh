@@ -17,6 +17,7 @@ DEBIAN_PACKAGES=(
   iproute2 kmod psmisc curl ca-certificates                    # bench network emulation, teardown
   busybox-static                                               # small real images for container tests
   tini libc6-dev                                               # imagefs run --init; static test programs
+  erofs-utils                                                  # fsck.erofs: a second reader of imagefs's EROFS metadata
 )
 
 missing=()

@@ -162,20 +162,34 @@ class StoreReader:
 # -- real mounts ------------------------------------------------------------------------
 
 
-def is_mounted(path: str) -> bool:
+def fstype_at(path: str) -> str | None:
+    """The type of the topmost file system mounted at ``path`` (from /proc), or None."""
     target = os.path.realpath(path)
+    found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             mp = line.split()[4].encode().decode("unicode_escape")
             if mp == target:
-                return True
-    return False
+                found = line.partition(" - ")[2].split()[0]
+    return found
+
+
+def is_mounted(path: str) -> bool:
+    return fstype_at(path) is not None
 
 
 def force_unmount(path: str) -> None:
-    """Last-resort teardown: a lazy unmount that cannot leave a dead mount behind."""
-    if is_mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, timeout=30)
+    """Last-resort teardown: a lazy unmount that cannot leave a dead mount behind (for an
+    EROFS mount, its blob's private FUSE mount too)."""
+    from imagefs.mount import RunPaths
+
+    kind = fstype_at(path)
+    if kind is not None:
+        argv = ["fusermount3", "-u", "-z"] if kind.startswith("fuse") else ["umount", "-l"]
+        subprocess.run([*argv, path], capture_output=True, timeout=30)
+    blob = RunPaths.of(path).beside(".blob")
+    if is_mounted(blob):
+        subprocess.run(["fusermount3", "-u", "-z", blob], capture_output=True, timeout=30)
 
 
 def reap_daemon(pid: int, timeout: float = 10.0) -> None:
@@ -200,6 +214,7 @@ def reap_daemon(pid: int, timeout: float = 10.0) -> None:
 class Mount:
     path: str
     pid: int
+    fs: str = "fuse"  # how it is served: "fuse" or "erofs" (MountOptions.fs after any fallback)
 
 
 @contextlib.contextmanager
@@ -210,7 +225,7 @@ def mounted(image: str, mountpoint: str, opts: "MountOptions") -> Iterator[Mount
     os.makedirs(mountpoint, exist_ok=True)
     pid = start_mount(image, mountpoint, opts)
     try:
-        yield Mount(mountpoint, pid)
+        yield Mount(mountpoint, pid, "erofs" if fstype_at(mountpoint) == "erofs" else "fuse")
     finally:
         try:
             if is_mounted(mountpoint):
