@@ -91,14 +91,15 @@ def plan_spans(refs: Sequence[ChunkRef], *, max_range: int = DEFAULT_MAX_RANGE, 
             continue
         rank[r.digest] = i
         by_pack.setdefault(r.pack, []).append(r)
-    # Largest-possible runs first, then split the early ones to ramp up.
+    # Runs joined over small gaps, whatever their length; then cut into reads, in order,
+    # each at most the size allowed at its place (the ramp, then max_range).
     runs: list[list[ChunkRef]] = []
     for members in by_pack.values():
         members.sort(key=lambda r: r.offset)
         run = [members[0]]
         for r in members[1:]:
             prev_end = run[-1].offset + run[-1].clen
-            if r.offset >= prev_end and r.offset - prev_end <= max_gap and r.offset + r.clen - run[0].offset <= max_range:
+            if r.offset >= prev_end and r.offset - prev_end <= max_gap:
                 run.append(r)
             else:
                 runs.append(run)
