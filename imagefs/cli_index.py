@@ -137,6 +137,27 @@ def _kind(mode: int) -> tuple[str, str]:
     return "other", "?"
 
 
+def profile_figures(store: Any, index: Any) -> dict[str, Any] | None:
+    """The image's startup profile, summarized (None: it has none)."""
+    from indexer import profile as profiles
+
+    try:
+        found = profiles.load(store, index)
+    except profiles.ProfileError as e:
+        return {"error": str(e)}
+    if found is None:
+        return None
+    figures = profiles.summary(found, index)
+    files: list[str] = []
+    for e in found.entries:
+        if e.ino and len(files) < 10:
+            path = index.path_of(e.ino)
+            if path not in files:
+                files.append(path)
+    figures["first_files"] = files
+    return figures
+
+
 def inspect_figures(store: Any, image: str) -> dict[str, Any]:
     """Sizes and dedup figures of one image, against the rest of the store."""
     from indexer.catalog import list_images, open_image
@@ -163,6 +184,7 @@ def inspect_figures(store: Any, image: str) -> dict[str, Any]:
         shared |= mine & {c.digest for c in other.all_chunks()}
     shared_bytes = sum(c.clen for c in chunks if c.digest in shared)
     return {
+        "profile": profile_figures(store, index),
         "digest": index.digest,
         "source": index.meta.get("source"),
         "manifest_digest": index.meta.get("manifest_digest"),
@@ -206,6 +228,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     s = f["shared_with_other_images"]
     print(f"Shared:        {s['chunks']} chunks ({human_bytes(s['stored_bytes'])} stored) with {s['images']} other image(s)")
+    p = f["profile"]
+    if p is None:
+        print("Profile:       none (record one with 'imagefs profile')")
+    elif "error" in p:
+        print(f"Profile:       unusable: {p['error']}")
+    else:
+        layout = (f"laid out in {p['startup_packs']} startup pack(s)" if p["laid_out"] == p["chunks"] else
+                  f"{p['laid_out']} of them laid out ('imagefs optimize' lays out the rest)")
+        print(f"Profile:       {p['chunks']} chunks, {human_bytes(p['bytes'])} ({human_bytes(p['compressed_bytes'])} "
+              f"stored), from {p['recordings']} recording(s), read over {p['span_ms'] / 1000:.1f} s; {layout}")
+        for path in p["first_files"]:
+            print(f"  read early:  {path}")
     if args.tree:
         stack = [(b"", ROOT_INO)]
         while stack:
