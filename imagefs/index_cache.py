@@ -38,11 +38,16 @@ import blake3
 
 from cache.blobstore import BlobNotFound, BlobStore
 from cache.private import private_dir
+from imagefs import profile_cache
 from indexer.catalog import ImageNotFound, index_key, resolve
 from indexer.format import DIGEST_PREFIX, IndexFormatError, unseal
 from indexer.index import Index
 
 log = logging.getLogger(__name__)
+
+# How long fetching an index waits for the profile fetched beside it (then it goes on;
+# the mount fetches the profile itself).
+PROFILE_WAIT_S = 5.0
 
 COPY_MAGIC = b"IFSIDXB1"
 _COPY_HEADER = struct.Struct("<8sQ32s")  # magic, body length, blake3 of the body
@@ -79,10 +84,15 @@ def load_index(store: BlobStore, image: str, cache_dir: str | None) -> Index:
             return Index(map_copy(path), digest)
         except (OSError, ValueError, CopyError, IndexFormatError) as e:
             log.warning("local copy of index %s is unusable (%s); fetching it again", digest, e)
+    # The image's startup profile comes in the same round trip, for the mount's replay.
+    beside = profile_cache.fetch_beside(store, cache_dir, digest)
     try:
         blob = store.get(index_key(digest))
     except BlobNotFound:
         raise ImageNotFound(f"{image}: no such image in {store.url}") from None
+    finally:
+        if beside is not None:
+            beside.join(PROFILE_WAIT_S)
     body = unseal(blob, digest)  # verified against the digest before anything is kept
     index = Index(body, digest)
     if path:

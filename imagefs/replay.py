@@ -24,6 +24,7 @@ import trio
 
 from cache.chain import ChunkChain
 from cache.stream import StreamTracker, stream_chunks
+from imagefs import profile_cache
 from indexer import profile as profiles
 from indexer.index import Index
 
@@ -35,26 +36,43 @@ class ReplayStatus(StreamTracker):
     ``loading``, ``none`` (the image has no profile), ``refused`` (``reason`` says why),
     then the stream's ``running`` and ``done``."""
 
-    __slots__ = ("reason", "seconds")
+    __slots__ = ("reason", "seconds", "source")
 
     def __init__(self) -> None:
         super().__init__()
         self.state = "loading"
         self.reason = ""
         self.seconds = 0.0
+        self.source = ""  # where the profile came from: "host copy" or "store"
 
     def as_dict(self) -> dict[str, object]:
         d = super().as_dict()
         if self.reason:
             d["reason"] = self.reason
         d["seconds"] = round(self.seconds, 3)
+        if self.source:
+            d["source"] = self.source
         return d
 
 
-def load_profile(store: Any, index: Index, status: ReplayStatus) -> profiles.Profile | None:
-    """(worker thread) The image's usable profile, or None with ``status`` saying why."""
+def load_profile(store: Any, index: Index, status: ReplayStatus,
+                 cache_dir: str | None = None) -> profiles.Profile | None:
+    """(worker thread) The image's usable profile, or None with ``status`` saying why:
+    the host's copy when there is one (:mod:`imagefs.profile_cache`), else the store's
+    (kept as the host's copy)."""
+    found = profile_cache.read_copy(cache_dir, index)
+    if found is not None:
+        status.source = "host copy"
+        return found
+    status.source = "store"
     try:
-        found = profiles.load(store, index)
+        blob = profile_cache.refresh(store, cache_dir, index.digest)
+        if blob is None:
+            status.state = "none"
+            return None
+        key = f"{store.url}/{profiles.profile_key(index.digest)}"
+        found = profiles.decode(blob, key)
+        profiles.check_against(found, index, key)
     except profiles.ProfileError as e:
         status.state, status.reason = "refused", str(e)
         log.warning("startup profile not used: %s", e)
@@ -63,16 +81,18 @@ def load_profile(store: Any, index: Index, status: ReplayStatus) -> profiles.Pro
         status.state, status.reason = "refused", f"cannot read it: {e}"
         log.warning("startup profile of %s not read: %r", index.digest, e)
         return None
-    if found is None:
-        status.state = "none"
     return found
 
 
-async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStatus) -> bool:
+async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStatus,
+                 cache_dir: str | None = None) -> bool:
     """Stream ``index``'s startup profile into ``chain``'s local tiers; True if there was
-    one to stream (whether or not every chunk came)."""
+    one to stream (whether or not every chunk came). A replay of the host's copy then
+    refreshes the copy from the store, for the next mount."""
     t0 = time.monotonic()
-    found = await trio.to_thread.run_sync(load_profile, store, index, status)
+    found = await trio.to_thread.run_sync(load_profile, store, index, status, cache_dir)
+    if status.source == "host copy":
+        _refresh_in_background(store, index, cache_dir)
     if found is None:
         return False
     refs = profiles.replay_refs(found, index)
@@ -84,3 +104,14 @@ async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStat
              "%d requests, %.2f s", status.planned, status.fetched, status.held, status.failed,
              status.bytes / (1 << 20), status.requests, status.seconds)
     return True
+
+
+def _refresh_in_background(store: Any, index: Index, cache_dir: str | None) -> None:
+    """Bring the host's copy up to date in the background (never delays the replay)."""
+    def run() -> None:
+        try:
+            profile_cache.refresh(store, cache_dir, index.digest)
+        except Exception as e:
+            log.debug("profile copy of %s not refreshed: %r", index.digest, e)
+
+    trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, run)

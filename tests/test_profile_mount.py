@@ -98,6 +98,7 @@ def test_a_recorded_profile_is_stored_and_replayed(run_dir: Path, fs: str) -> No
     with mounted("app", str(run_dir / "mnt-replay"), _opts(run_dir, store_dir, "replay", fs)) as m:
         rp = _wait_replay(m.path)
         assert rp["state"] == "done" and rp["planned"] == len(want) and rp["fetched"] == len(want)
+        assert rp["source"] == "host copy"  # fetched beside the index, before the daemon needed it
         blob_before = query_stats(m.path)["cache"]["tiers"]["blob"]["requests"]
         _read(m.path, WORKLOAD)
         st = query_stats(m.path)
@@ -244,3 +245,27 @@ def test_a_replay_through_the_zone_server_leaves_it_warm_for_the_next_host(
     assert tiers["blob"]["requests"] == 0  # the second host never reached the store
     assert tiers["az"]["hits"] >= len(want)
     assert second["replay"]["served"] == len(want) and second["replay"]["missed"] == 0
+
+
+def test_a_stale_host_copy_is_replayed_once_and_refreshed(run_dir: Path) -> None:
+    from imagefs import profile_cache
+
+    store_dir = str(run_dir / "store")
+    store = LocalStore(store_dir)
+    _build(store)
+    index = open_image(store, "app")
+    chunks_of = {p: index.chunk_numbers(index.resolve(p) or 0, 0, len(FILES[p])) for p in FILES}
+    old = profiles.Profile(index.digest, tuple(profiles.Entry(c, 0, 0) for c in chunks_of[WORKLOAD[0]]))
+    new = profiles.Profile(index.digest, tuple(profiles.Entry(c, 0, 0) for c in chunks_of[OTHER[0]]))
+    cache = str(run_dir / "cache-host")
+    profiles.save(store, old)
+    opts = MountOptions(store=store_dir, cache_dir=cache, cache_size=1 << 30, memory_size=64 << 20, fs="fuse",
+                        prefetch=False)
+    with mounted("app", str(run_dir / "mnt1"), opts) as m:
+        assert _wait_replay(m.path)["planned"] == len(old.entries)
+    profiles.save(store, new)  # re-recorded elsewhere
+    with mounted("app", str(run_dir / "mnt2"), opts) as m:
+        rp = _wait_replay(m.path)
+        assert rp["source"] == "host copy" and rp["planned"] == len(old.entries)  # this mount: the copy
+    copy = profile_cache.read_copy(cache, index)
+    assert copy is not None and copy.entries == new.entries  # the next one: the store's
