@@ -74,16 +74,21 @@ def _open_reader(store: Any, opts: MountOptions) -> tuple[Any, Any]:
         except Exception as e:  # OSError, lmdb.Error: either way the cache is unusable
             raise MountError(f"cache directory {directory}: cannot open the SSD cache: {e}") from e
     remote: list[Any] = []
+    budget = None
     if opts.az_cache:
         from cache.azclient import AZCacheTier
+        from cache.storebudget import StoreBudget, parse_budget
 
         try:
             remote.append(AZCacheTier(list(opts.az_cache), secret=os.environ.get(CACHE_SECRET_ENV)))
+            if opts.store_budget:
+                budget = StoreBudget(*parse_budget(opts.store_budget))
         except ValueError as e:
             if ssd is not None:
                 ssd.close()
             raise MountError(f"--az-cache {','.join(opts.az_cache)}: {e}") from e
-    return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size), remote_tiers=remote), ssd
+    return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size), remote_tiers=remote,
+                      store_budget=budget), ssd
 
 
 def fault_hook_from_env() -> Callable[[str], None] | None:
