@@ -511,17 +511,14 @@ class CacheServer:
         return hmac.compare_digest(token.strip().encode("utf-8", "replace"), self._secret)
 
     async def _check(self, conn: Connection, req: Request, methods: tuple[str, ...], deadline: float) -> bool:
-        """Method and credentials; answers the request itself when they are wrong, after
-        skipping its body (:meth:`Connection.discard_body`: no memory, the deadline holds)."""
+        """Method and credentials; when they are wrong, answers at once and then skips
+        the request's body as it comes (:meth:`Connection.discard_body`: no memory; the
+        request deadline holds), so the connection stays usable. A client that waits
+        for ``100 Continue`` sends no body: its connection is closed instead."""
         if req.method in methods and self._authorized(req):
             return True
-        keep = self._keep(req)
-        if req.length:
-            try:
-                with trio.fail_at(deadline):
-                    await conn.discard_body(req)
-            except trio.TooSlowError:
-                keep = False
+        expect = req.headers.get("expect", "").lower() == "100-continue"
+        keep = self._keep(req) and not (req.length and expect)
         if req.method not in methods:
             await conn.send_response(405, b"method not allowed\n", keep_alive=keep,
                                      headers=[("Allow", ", ".join(methods))])
@@ -529,8 +526,13 @@ class CacheServer:
             self.metrics.unauthorized += 1
             await conn.send_response(401, b"missing or wrong bearer secret\n", keep_alive=keep,
                                      headers=[("WWW-Authenticate", 'Bearer realm="imagefs-cache"')])
-        if not keep:
-            req.keep_alive = False
+        if req.length and keep:
+            try:
+                with trio.fail_at(deadline):
+                    await conn.discard_body(req)
+            except trio.TooSlowError:
+                keep = False
+        req.keep_alive = keep
         return False
 
     async def _health(self, conn: Connection, req: Request) -> bool:
@@ -938,9 +940,13 @@ class CacheServer:
             if not info.loaded.is_set() and not info.speculating:
                 # The first read of a pack whose table is loading runs alongside the load
                 # (one round trip, not two); what it brings is served once the table
-                # confirms it. One such read per pack bounds what a made-up ref can cost.
-                info.speculating = True
-                nursery.start_soon(self._speculate, info, runs.pop(0), flights, got)
+                # confirms it. One such read per pack, of at most max_range bytes, bounds
+                # what a made-up ref can cost.
+                first = next((i for i, run in enumerate(runs)
+                              if run[-1].offset + run[-1].clen - run[0].offset <= self.opts.max_range), None)
+                if first is not None:
+                    info.speculating = True
+                    nursery.start_soon(self._speculate, info, runs.pop(first), flights, got)
             if not runs:
                 return
             await info.loaded.wait()

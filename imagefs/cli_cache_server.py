@@ -66,6 +66,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="ranged reads from the store at once, for all clients (default 16); background "
                    "requests (prefetch, profile replay) may hold at most three quarters of them, so demand "
                    "reads never wait for a background read")
+    p.add_argument("--max-connections", type=int, default=4096, metavar="N",
+                   help="connections at once, all clients (default 4096); past three quarters of it, idle "
+                   "keep-alive connections are closed after 2 s instead of 120 s")
     p.add_argument("--max-client-connections", type=int, default=256, metavar="N",
                    help="connections one client address may hold at once (default 256)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
@@ -90,8 +93,8 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
         raise CLIError("--grace must be >= 0")
     if args.store_concurrency < 1:
         raise CLIError("--store-concurrency must be >= 1")
-    if args.max_client_connections < 1:
-        raise CLIError("--max-client-connections must be >= 1")
+    if args.max_client_connections < 1 or args.max_connections < 1:
+        raise CLIError("--max-connections and --max-client-connections must be >= 1")
     secret = read_secret(args.secret_file)
 
     import trio
@@ -116,6 +119,7 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
     n = args.store_concurrency
     server = CacheServer(store, ssd, ServerOptions(secret=secret, grace=args.grace, blob_concurrency=n,
                                                    blob_background=max(1, n * 3 // 4),
+                                                   max_connections=args.max_connections,
                                                    max_client_connections=args.max_client_connections))
 
     def ready(h: str, p: int) -> None:
