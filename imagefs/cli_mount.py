@@ -37,9 +37,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    "page fault in a mapped file; default: see imagefs/readahead.py)")
     g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
                    help="a cache server in this zone (repeatable)")
-    g.add_argument("--store-budget", metavar="BURST[,PER_S]", type=_budget_arg, default=None,
+    g.add_argument("--store-budget", metavar="N[,RATE]", type=_budget_arg, default=None,
                    help="with --az-cache: blob-store reads this host may make itself when the zone's "
-                   "servers are down or lack a chunk: a burst, then so many a second (default 64,16); "
+                   "servers are down or lack a chunk: a burst of N, then RATE a second (default 64,16); "
                    "background reads leave half the burst to reads a process waits for")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="do not fetch the rest of the image in the background; by default the image's chunks "
