@@ -16,6 +16,7 @@ broken), so it is built to be simple and fast rather than clever:
                        -> 200 chunked: (digest[32] status:u8 length:u32 frame)* as they resolve
       POST /v2/chunks  (same body) -> 200 + the frames in request order (older clients)
       GET  /v2/chunk/<hex>?pack=K&offset=N&clen=N&ulen=N  -> 200 + zstd frame | 404/502/503
+      GET  /v3/blob/indexes/<hex>  -> 200 + an image index, verified (:mod:`cache.zoneblobs`)
 
 - **A slow server is not a missing one**: a v3 answer streams each chunk as the
   server has it (its disk cache first, read-throughs as the blob store delivers them)
@@ -86,6 +87,7 @@ import os
 import resource
 import signal
 import time
+import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -106,6 +108,7 @@ from cache.server_wire import (BACKGROUND, BATCH_CONTENT_TYPE, BATCH_PATH, CHUNK
                                ST_OK, ST_PROGRESS, ST_READ_THROUGH, ST_UNAVAILABLE, STATUS_NAMES, STREAM_CONTENT_TYPE,
                                STREAM_PATH, BatchTooLarge, WireError, decode_refs, parse_chunk_query)
 from cache.ssd import SSDTier
+from cache.zoneblobs import BLOB_PATH, BlobCache, blob_digest
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +314,9 @@ class CacheServer:
         self._touched: set[bytes] = set()  # sent from a verified file since the last LRU write
         self._failures: OrderedDict[ChunkRef, tuple[int, float]] = OrderedDict()  # ref -> (status, until)
         self._packs: OrderedDict[str, _Pack] = OrderedDict()
+        self._blobs = BlobCache(os.path.join(ssd.directory, "blobs"), store)
+        self._blob_flights: dict[str, _Flight] = {}
+        self._blob_failures: OrderedDict[str, float] = OrderedDict()  # key -> until [monotonic]
         self._blob_slots = ClassLimiter(options.blob_concurrency, options.blob_background)
         self._blob_threads = trio.CapacityLimiter(options.blob_concurrency + TOC_LOADS)
         self._toc_limiter = trio.CapacityLimiter(TOC_LOADS)
@@ -475,7 +481,8 @@ class CacheServer:
             STREAM_PATH: (("POST",), self._stream), BATCH_PATH: (("POST",), self._batch),
             CORRUPT_PATH: (("POST",), self._corrupt_report), METRICS_PATH: (("GET",), self._metrics),
         }
-        route = routes.get(path) or ((("GET",), self._single) if path.startswith(CHUNK_PATH) else None)
+        route = routes.get(path) or ((("GET",), self._single) if path.startswith(CHUNK_PATH) else
+                                     (("GET",), self._blob) if path.startswith(BLOB_PATH) else None)
         if route is None:
             if not await self._body(conn, req, deadline):
                 return False
@@ -568,6 +575,69 @@ class CacheServer:
                 self.metrics.reverified_on_report += 1
         self.metrics.corrupt_reports += len(body) // 32
         await conn.send_response(204, b"", keep_alive=self._keep(req))
+
+    async def _blob(self, conn: Connection, req: Request) -> None:
+        """A content-addressed blob (an image index), read through once for the zone."""
+        key = urllib.parse.unquote(req.target[len(BLOB_PATH):].partition("?")[0])
+        if blob_digest(key) is None:
+            self.metrics.bad_requests += 1
+            await conn.send_response(400, b"not a content-addressed key (indexes/<64 hex>)\n",
+                                     keep_alive=self._keep(req))
+            return
+        self.metrics.blob_requests += 1
+        data = self._blobs.cached(key)
+        status = ST_OK
+        if data is None:
+            failed = self._blob_failures.get(key)
+            if failed is not None and time.monotonic() < failed:
+                status = ST_NOT_FOUND
+            else:
+                flight = self._blob_flights.get(key)
+                if flight is None:
+                    flight = self._blob_flights[key] = _Flight(key.encode(), True)
+                    assert self._bg is not None
+                    self._bg.start_soon(self._load_blob, key, flight)
+                with trio.move_on_after(self.opts.read_through_timeout):
+                    await flight.done.wait()
+                data, status = flight.data, flight.status
+        if data is None:
+            await conn.send_response(HTTP_STATUS[status], f"{STATUS_NAMES[status]}\n".encode(),
+                                     keep_alive=self._keep(req))
+            return
+        await conn.send_head(200, len(data), keep_alive=self._keep(req),
+                             headers=[("Content-Type", "application/octet-stream")], more=True)
+        await conn.send_all(data)
+        self.metrics.bytes_served += len(data)
+
+    async def _load_blob(self, key: str, flight: _Flight) -> None:
+        """(server nursery) A blob from this server's disk, else from the store."""
+        data: bytes | None = None
+        status = ST_UNAVAILABLE
+        try:
+            data = await self._disk(True, self._blobs.read, key)
+            if data is None:
+                async with self._blob_slots.slot(Ticket(True)):
+                    self.metrics.blob_fetches += 1
+                    data = await trio.to_thread.run_sync(self._blobs.fetch, key, limiter=self._blob_threads,
+                                                         abandon_on_cancel=True)
+            self._blobs.keep(key, data)
+            status = ST_OK
+        except BlobNotFound:
+            status = ST_NOT_FOUND
+            self._blob_failures[key] = time.monotonic() + self.opts.failure_ttl
+            while len(self._blob_failures) > self.opts.failure_cap:
+                self._blob_failures.popitem(last=False)
+        except ValueError as e:
+            log.warning("blob store: %s", e)
+            status = ST_CORRUPT
+        except (BlobStoreError, OSError) as e:
+            log.warning("blob store read of %s failed: %s", key, e)
+        except Exception:
+            log.exception("blob store read of %s failed", key)
+        finally:
+            flight.settle(data, status)
+            if self._blob_flights.get(key) is flight:
+                del self._blob_flights[key]
 
     # ---- chunk endpoints -----------------------------------------------------------
 

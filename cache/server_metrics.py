@@ -57,6 +57,7 @@ class ServerMetrics:
     refused_refs: int = 0  # refs not read through: not what their pack holds
     toc_loads: int = 0  # packs whose table of contents (or size) was loaded
     speculative_reads: int = 0  # ranged reads that ran while their pack's table loaded
+    blob_requests: int = 0  # content-addressed blobs (image indexes) asked for
     corrupt_reports: int = 0  # digests clients said did not verify
     reverified_on_report: int = 0  # ... of which a verified file will be checked again
     refused_connections: int = 0  # over the per-client connection limit
@@ -99,6 +100,7 @@ class ServerMetrics:
         counter("toc_loads_total", "Packs whose table of contents (or size) was loaded.", self.toc_loads)
         counter("speculative_reads_total", "Ranged reads run while their pack's table of contents loaded.",
                 self.speculative_reads)
+        counter("blob_requests_total", "Image indexes asked for (content-addressed blobs).", self.blob_requests)
         counter("corrupt_reports_total", "Chunks clients reported as not verifying.", self.corrupt_reports)
         counter("refused_connections_total", "Connections refused over the per-client limit.",
                 self.refused_connections)

@@ -52,6 +52,15 @@ def _open_image(image: str, opts: MountOptions) -> tuple[Any, Any]:
 
     try:
         store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
+        if opts.az_cache:  # the index through the zone's servers: read from the store once per zone
+            from cache.azclient import parse_servers
+            from cache.zoneblobs import ZoneBlobStore
+
+            try:
+                servers = parse_servers(",".join(opts.az_cache))
+            except ValueError as e:
+                raise MountError(f"--az-cache {','.join(opts.az_cache)}: {e}") from e
+            store = ZoneBlobStore(store, servers, secret=os.environ.get(CACHE_SECRET_ENV))
         return store, load_index(store, image, opts.index_cache_dir())
     except (BlobStoreError, StoreURLError, ImageNotFound, InvalidImageName, IndexFormatError) as e:
         raise MountError(f"cannot mount {image}: {e}") from e

@@ -344,3 +344,37 @@ def test_a_slow_but_alive_server_is_waited_for_not_dropped(tmp_path: Path, seawe
     assert state.progress >= 2, "the server said it was busy while it waited"
     assert tier.read_through == len(refs)
     assert srv.metric("heartbeats_total") >= 2
+
+
+def test_an_index_comes_through_the_zone_verified_else_from_the_store(
+        tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
+    from cache.chunk import digest_of
+    from cache.zoneblobs import ZoneBlobStore
+    from tests.support.chunks import CountingStore
+
+    store = CountingStore(str(tmp_path / "store"))
+    blob = os.urandom(300_000)
+    key = f"indexes/{digest_of(blob).hex()}"
+    store.put(key, blob)
+    store.put("refs/app", b"not content-addressed\n")
+    srv = start_cache_server(tmp_path, store.root)
+    cache_servers.append(srv)
+    gets: list[str] = []
+
+    class Counting(CountingStore):
+        def get(self, k: str) -> bytes:
+            gets.append(k)
+            return super().get(k)
+
+    host_store = Counting(store.root)
+    zone = ZoneBlobStore(host_store, [srv.address])
+    assert zone.get(key) == blob and zone.get(key) == blob
+    assert gets == [] and zone.zone_hits == 2, "both from the zone"
+    assert srv.metric("blob_fetches_total") == 1, "read from the store once, then from the server"
+    assert zone.get("refs/app") == b"not content-addressed\n" and gets == ["refs/app"]
+    with FlipProxy(srv.port) as proxy:  # wrong bytes from the zone: the store's copy instead
+        assert ZoneBlobStore(host_store, [proxy.address]).get(key) == blob
+        assert proxy.flipped == 1
+    srv.kill()  # the zone gone: the store
+    assert ZoneBlobStore(host_store, [srv.address]).get(key) == blob
+    assert gets == ["refs/app", key, key]
