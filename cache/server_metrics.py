@@ -55,6 +55,7 @@ class ServerMetrics:
     heartbeats: int = 0  # progress frames sent while waiting for the blob store
     remembered_failures: int = 0  # chunks answered from the failure memory (no store read)
     refused_refs: int = 0  # refs not read through: not what their pack holds
+    read_ahead: int = 0  # chunks a background read-through brought beyond what was asked
     toc_loads: int = 0  # packs whose table of contents (or size) was loaded
     speculative_reads: int = 0  # ranged reads that ran while their pack's table loaded
     blob_requests: int = 0  # content-addressed blobs (image indexes) asked for
@@ -97,6 +98,8 @@ class ServerMetrics:
         counter("remembered_failures_total", "Chunks answered from the failure memory, without a store read.",
                 self.remembered_failures)
         counter("refused_refs_total", "Refs not read through: not what their pack holds.", self.refused_refs)
+        counter("read_ahead_total", "Chunks background read-throughs brought beyond what was asked.",
+                self.read_ahead)
         counter("toc_loads_total", "Packs whose table of contents (or size) was loaded.", self.toc_loads)
         counter("speculative_reads_total", "Ranged reads run while their pack's table of contents loaded.",
                 self.speculative_reads)

@@ -378,3 +378,28 @@ def test_an_index_comes_through_the_zone_verified_else_from_the_store(
     srv.kill()  # the zone gone: the store
     assert ZoneBlobStore(host_store, [srv.address]).get(key) == blob
     assert gets == ["refs/app", key, key]
+
+
+def test_a_background_read_through_reads_ahead_in_the_pack_and_demand_does_not(
+        tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
+    store = LocalStore(str(tmp_path / "store"))
+    chunks = random_chunks(16, 100_000, seed=21, compressible=False)  # 1.6 MB: two background batches
+    refs = write_pack(store, chunks)
+    srv = start_cache_server(tmp_path, store.root)
+    cache_servers.append(srv)
+    tier = AZCacheTier([srv.address])
+
+    async def main() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        demand = await tier.fetch(refs[:1])
+        return demand, await tier.fetch(refs[1:], background=True)
+
+    demand, background = run(main)
+    assert demand == {refs[0].digest: chunks[0]}
+    assert background == {r.digest: c for r, c in zip(refs[1:], chunks[1:])}
+    m = srv.metrics()
+    # The demand read brought its chunk alone; the first background batch (~1 MiB) read
+    # the rest of the pack in the same GET, so the second batch was served from the server.
+    assert m["imagefs_cache_server_blob_fetches_total"] == 2
+    assert m["imagefs_cache_server_read_ahead_total"] == 15 - 10
+    assert m['imagefs_cache_server_class_requests_total{class="background"}'] == 2
+    assert tier.read_through == 1 + 10
