@@ -3,9 +3,11 @@
 Why it looks the way it does (DESIGN.md: a slower tier is a fallback, never a single
 point of failure; issue "fleet burst": a slow server is not a missing one):
 
-- **Who owns a chunk**: rendezvous hashing of the digest over the server list
+- **Who owns a chunk**: rendezvous hashing of the chunk's pack segment
+  (:func:`cache.server_wire.owner_key`, 8 MiB of a pack) over the server list
   (:mod:`cache.rendezvous`), so every host of a zone asks the same server for the
-  same chunk and each server's disk holds a disjoint share of the zone's working set.
+  same chunk, each server's disk holds a disjoint share of the zone's working set, and
+  neighbours in a pack stay on one server (one ranged store read for a run of them).
   One ``fetch`` sends one batch request per owner (split only past the wire limits),
   all owners at once.
 - **Progress, not a deadline, decides whether a server is alive**: a batch is a v3
@@ -57,7 +59,7 @@ from cache.chunk import LARGE_BUFFER, ChunkRef, CorruptChunk, open_chunk
 from cache.rendezvous import Rendezvous
 from cache.server_wire import (BACKGROUND, CLASS_HEADER, CORRUPT_PATH, DATA_STATUSES, FRAME_HEAD, HEALTH_PATH,
                                MAX_BATCH_REFS, MAX_CHUNK, MAX_CORRUPT_REPORT, ST_PROGRESS, ST_READ_THROUGH,
-                               STREAM_PATH, encode_refs, format_address, parse_address)
+                               STREAM_PATH, encode_refs, format_address, owner_key, parse_address)
 from cache.stats import Counters, TierStats
 
 log = logging.getLogger(__name__)
@@ -321,9 +323,9 @@ class AZCacheTier:
     def servers(self) -> list[str]:
         return list(self._ring.servers)
 
-    def owner(self, digest: bytes) -> str:
-        """The server that owns ``digest`` while all are healthy."""
-        return self._ring.owner(digest)
+    def owner(self, ref: ChunkRef) -> str:
+        """The server that owns ``ref`` while all are healthy."""
+        return self._ring.owner(owner_key(ref))
 
     def healthy(self) -> bool:
         """Whether any server is taking requests (else every fetch is a miss at once)."""
@@ -351,7 +353,7 @@ class AZCacheTier:
             for attempt in range(1 + HEDGES):
                 groups: dict[str, list[ChunkRef]] = {}
                 for r in pending:
-                    s = self._pick(r.digest, tried[r.digest])
+                    s = self._pick(r, tried[r.digest])
                     if s is not None:
                         tried[r.digest].add(s)
                         groups.setdefault(s, []).append(r)
@@ -399,8 +401,8 @@ class AZCacheTier:
 
     # ---- routing -------------------------------------------------------------------
 
-    def _pick(self, digest: bytes, tried: set[str]) -> str | None:
-        for name in self._ring.rank(digest):
+    def _pick(self, ref: ChunkRef, tried: set[str]) -> str | None:
+        for name in self._ring.rank(owner_key(ref)):
             if name not in tried and self._servers[name].healthy:
                 return name
         return None

@@ -109,9 +109,10 @@ from cache.server_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cache.server_metrics import ServerMetrics
 from cache.server_wire import (BACKGROUND, BATCH_CONTENT_TYPE, BATCH_PATH, CHUNK_PATH, CLASS_HEADER, CORRUPT_PATH,
                                FRAME_HEAD, HEALTH_PATH, HTTP_STATUS, MAX_BATCH_REFS, MAX_CORRUPT_REPORT,
-                               MAX_PACK_KEY, METRICS_PATH, PROGRESS_DIGEST, REF_HEAD, ST_CORRUPT, ST_NOT_FOUND,
-                               ST_OK, ST_PROGRESS, ST_READ_THROUGH, ST_UNAVAILABLE, STATUS_NAMES, STREAM_CONTENT_TYPE,
-                               STREAM_PATH, BatchTooLarge, WireError, decode_refs, parse_chunk_query)
+                               MAX_PACK_KEY, METRICS_PATH, OWNER_SEGMENT, PROGRESS_DIGEST, REF_HEAD, ST_CORRUPT,
+                               ST_NOT_FOUND, ST_OK, ST_PROGRESS, ST_READ_THROUGH, ST_UNAVAILABLE, STATUS_NAMES,
+                               STREAM_CONTENT_TYPE, STREAM_PATH, BatchTooLarge, WireError, decode_refs,
+                               parse_chunk_query)
 from cache.ssd import SSDTier
 from cache.zoneblobs import BLOB_PATH, BlobCache, blob_digest
 
@@ -1055,11 +1056,12 @@ class CacheServer:
         offsets = info.offsets
         for run in runs:
             end = run[-1].offset + run[-1].clen
+            segment_end = (run[0].offset // OWNER_SEGMENT + 1) * OWNER_SEGMENT  # beyond: another server's
             i = bisect.bisect_left(offsets, end)
             candidates: list[ChunkRef] = []
             while i < len(info.order):
                 off, d, clen, ulen = info.order[i]
-                if off != end or off + clen - run[0].offset > self.opts.max_range:
+                if off != end or off + clen - run[0].offset > self.opts.max_range or off >= segment_end:
                     break
                 if d in self._flights or d in self._verified or d in flights:
                     break  # held or coming: what follows most likely too

@@ -91,6 +91,18 @@ MAX_BATCH_REFS = 1024
 MAX_BATCH_BYTES = 256 << 20
 MAX_PACK_KEY = 1024
 MAX_CORRUPT_REPORT = 1024  # digests in one POST /v3/corrupt
+# Which server of a zone owns a chunk is decided per segment of its pack, not per chunk:
+# chunks stored together stay on one server, so a batch of neighbours is one contiguous
+# run there (one ranged read from the store) instead of every n-th chunk on each of n
+# servers (measured with 3 servers: 4,520 store GETs and 2.4 copies of the image for a
+# burst that 1 server served with 52 GETs and 1 copy). A server's read-ahead stops at
+# the end of a segment, which is another server's.
+OWNER_SEGMENT = 8 << 20
+
+
+def owner_key(ref: ChunkRef) -> bytes:
+    """What rendezvous hashing ranks servers by for ``ref``: its pack segment."""
+    return f"{ref.pack}#{ref.offset // OWNER_SEGMENT}".encode()
 
 
 class WireError(ValueError):
