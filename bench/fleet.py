@@ -647,4 +647,11 @@ def _cleanup(rundir: Path) -> None:
     prefix = str(rundir.resolve()) + "/"
     for mp in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
         scenarios.force_unmount(Path(mp))
+    logs = rundir.parent / "last-run-logs"  # kept until the next run: daemons, agents, servers, proxies
+    shutil.rmtree(logs, ignore_errors=True)
+    for p in rundir.rglob("*.log"):
+        dest = logs / p.relative_to(rundir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copy2(p, dest)
     shutil.rmtree(rundir, ignore_errors=True)

@@ -49,6 +49,8 @@ point of failure; issue "fleet burst": a slow server is not a missing one):
 from __future__ import annotations
 
 import logging
+import math
+import select
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -140,26 +142,41 @@ class ServerState:
     hedged: int  # chunks sent to it because their owner had failed
 
 
+class Stalled(ServerFailed):
+    """The server sent nothing for the stall bound while a response was due."""
+
+
 class _Conn:
     """One keep-alive HTTP/1.1 connection to a server.
 
-    ``watch``: a cancel scope whose deadline every received byte pushes ``stall``
-    seconds ahead (never past ``cap``): the progress rule of a request."""
+    ``stall``: while a response is due (not 0), every receive that waits longer than
+    this for a byte ends the request (:class:`Stalled`), unless bytes are in fact
+    waiting in the socket: then it was this process that was slow (a host whose two
+    cores are busy decompressing can leave its event loop unscheduled for seconds),
+    not the server, and the wait starts again. Time spent between receives (verifying
+    what arrived) never counts against the server."""
 
-    __slots__ = ("stream", "sock", "buf", "reused", "watch", "stall", "cap")
+    __slots__ = ("stream", "sock", "buf", "reused", "stall")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.sock = stream.socket
         self.buf = bytearray()
         self.reused = False
-        self.watch: trio.CancelScope | None = None
         self.stall = 0.0
-        self.cap = 0.0
 
-    def _progress(self) -> None:
-        if self.watch is not None:
-            self.watch.deadline = min(self.cap, trio.current_time() + self.stall)
+    async def _recv(self, into: memoryview | None) -> bytes | int:
+        """One receive (``recv_into(into)``, or ``recv``), within the stall rule."""
+        while True:
+            with trio.move_on_after(self.stall or math.inf) as waited:
+                try:
+                    if into is None:
+                        return await self.sock.recv(RECV_SIZE)
+                    return await self.sock.recv_into(into)
+                except OSError as e:
+                    raise ServerFailed(f"receive: {e}") from e
+            if waited.cancelled_caught and not _readable(self.sock):
+                raise Stalled(f"no byte for {self.stall:g}s")
 
     async def send_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -170,14 +187,11 @@ class _Conn:
             raise (_Stale if self.reused else ServerFailed)(f"send: {e}") from e
 
     async def _fill(self) -> None:
-        try:
-            data = await self.sock.recv(RECV_SIZE)
-        except OSError as e:
-            raise ServerFailed(f"receive: {e}") from e
+        data = await self._recv(None)
+        assert isinstance(data, bytes)
         if not data:
             raise ServerFailed("connection closed by the server")
         self.buf += data
-        self._progress()
 
     async def read_head(self) -> tuple[int, dict[str, str]]:
         start = 0
@@ -190,6 +204,8 @@ class _Conn:
             start = max(0, len(self.buf) - 3)
             try:
                 await self._fill()
+            except Stalled:
+                raise
             except ServerFailed as e:
                 if self.reused and not self.buf:
                     raise _Stale(str(e)) from e
@@ -226,14 +242,11 @@ class _Conn:
             del self.buf[:n]
         pos = n
         while pos < len(view):
-            try:
-                got = await self.sock.recv_into(view[pos:])
-            except OSError as e:
-                raise ServerFailed(f"receive: {e}") from e
+            got = await self._recv(view[pos:])
+            assert isinstance(got, int)
             if not got:
                 raise ServerFailed("connection closed inside a response body")
             pos += got
-            self._progress()
 
     async def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -316,6 +329,7 @@ class AZCacheTier:
         self.counters = Counters(self.name)
         self._token: trio.lowlevel.TrioToken | None = None
         self._prober_running = False
+        self._down_since: float | None = None  # monotonic time the last healthy server went down
 
     # ---- public --------------------------------------------------------------------
 
@@ -330,6 +344,12 @@ class AZCacheTier:
     def healthy(self) -> bool:
         """Whether any server is taking requests (else every fetch is a miss at once)."""
         return any(s.healthy for s in self._servers.values())
+
+    def unhealthy_for(self) -> float:
+        """Seconds since no server has been taking requests (0.0 while one is)."""
+        if self._down_since is None or self.healthy():
+            return 0.0
+        return time.monotonic() - self._down_since
 
     async def fetch(self, refs: Sequence[ChunkRef], *, background: bool = False) -> dict[bytes, bytes]:
         """digest -> verified bytes for the refs the servers had; the rest are left out.
@@ -444,9 +464,12 @@ class AZCacheTier:
         reason = ""
         try:
             await self._stream_request(server, refs, by_digest, background, answered, got, nbytes)
+        except Stalled as e:
+            server.stalls += 1
+            reason = str(e)
         except trio.TooSlowError:
             server.stalls += 1
-            reason = f"no progress for {self.stall_timeout:g}s (or no answer within {self.request_cap:g}s)"
+            reason = f"no whole answer within {self.request_cap:g}s"
         except Unauthorized as e:
             server.unauthorized += 1
             reason = str(e)
@@ -480,47 +503,43 @@ class AZCacheTier:
                 await server.background_slots.acquire()
             try:
                 async with server.slots:
-                    await self._exchange(server, head + body, by_digest, answered, got, nbytes, cap)
+                    await self._exchange(server, head + body, by_digest, answered, got, nbytes)
             finally:
                 if background:
                     server.background_slots.release()
 
     async def _exchange(self, server: _Server, request: bytes, by_digest: dict[bytes, ChunkRef],
-                        answered: set[bytes], got: dict[bytes, bytes], nbytes: list[int], cap: float) -> None:
+                        answered: set[bytes], got: dict[bytes, bytes], nbytes: list[int]) -> None:
         for attempt in range(2):
             conn = await self._connect(server)
             done = False
             try:
-                with trio.CancelScope() as watch:
-                    conn.watch, conn.stall, conn.cap = watch, self.stall_timeout, cap
-                    conn._progress()
-                    await conn.send_all(request)
-                    status, headers = await conn.read_head()
-                    if status != 200:
-                        length = _content_length(headers)
-                        if length <= MAX_HEAD:  # drain a short error body: the connection stays usable
-                            await conn.read_exact(length)
-                            done = headers.get("connection", "").lower() != "close"
-                        if status == 401:
-                            raise Unauthorized("refused our secret (401 Unauthorized): give the mount "
-                                               "the server's secret (--secret-file / $IMAGEFS_CACHE_SECRET)")
-                        if status == 404:
-                            raise ServerFailed(f"HTTP 404 for {STREAM_PATH}: the server is older than this "
-                                               "client (upgrade the zone's cache servers first)")
-                        raise ServerFailed(f"HTTP {status}")
-                    if "chunked" not in headers.get("transfer-encoding", "").lower():
-                        raise ServerFailed("the answer is not a chunked stream")
-                    await self._read_stream(server, conn, by_digest, answered, got, nbytes)
-                    done = headers.get("connection", "").lower() != "close"
-                if watch.cancelled_caught:
-                    raise trio.TooSlowError
+                conn.stall = self.stall_timeout
+                await conn.send_all(request)
+                status, headers = await conn.read_head()
+                if status != 200:
+                    length = _content_length(headers)
+                    if length <= MAX_HEAD:  # drain a short error body: the connection stays usable
+                        await conn.read_exact(length)
+                        done = headers.get("connection", "").lower() != "close"
+                    if status == 401:
+                        raise Unauthorized("refused our secret (401 Unauthorized): give the mount "
+                                           "the server's secret (--secret-file / $IMAGEFS_CACHE_SECRET)")
+                    if status == 404:
+                        raise ServerFailed(f"HTTP 404 for {STREAM_PATH}: the server is older than this "
+                                           "client (upgrade the zone's cache servers first)")
+                    raise ServerFailed(f"HTTP {status}")
+                if "chunked" not in headers.get("transfer-encoding", "").lower():
+                    raise ServerFailed("the answer is not a chunked stream")
+                await self._read_stream(server, conn, by_digest, answered, got, nbytes)
+                done = headers.get("connection", "").lower() != "close"
                 return
             except _Stale:
                 if attempt == 0:
                     continue  # the server closed an idle connection: once more, afresh
                 raise
             finally:
-                conn.watch = None
+                conn.stall = 0.0
                 if done and len(server.idle) < MAX_IDLE:
                     conn.reused = True
                     server.idle.append(conn)
@@ -609,6 +628,8 @@ class AZCacheTier:
         if server.healthy:
             server.healthy = False
             server.reason = reason
+            if not self.healthy():
+                self._down_since = time.monotonic()
             level = logging.ERROR if "401" in reason else logging.WARNING
             log.log(level, "az cache %s: %s; skipping it until GET %s answers", server.address, reason,
                     HEALTH_PATH)
@@ -659,6 +680,14 @@ class AZCacheTier:
         if ok and not server.healthy:
             server.healthy = True
             log.warning("az cache %s: healthy again", server.address)
+
+
+def _readable(sock: trio.socket.SocketType) -> bool:
+    """Whether bytes (or an EOF) wait in ``sock`` right now."""
+    try:
+        return bool(select.select([sock.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _content_length(headers: dict[str, str]) -> int:

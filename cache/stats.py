@@ -140,7 +140,8 @@ class ChainStats:
     written because the queue was full; with remote tiers (a zone cache),
     ``direct_reads`` blob-store reads this host made itself because the remote tiers
     lacked a chunk (down, broken, or the chunk missing), within the store budget, and
-    ``direct_waits`` times a read had to wait for that budget.
+    ``direct_waits`` times a read had to wait for that budget (or, a background read,
+    for a zone that had just gone down to come back).
     """
 
     tiers: tuple[TierStats, ...]

@@ -136,7 +136,7 @@ def test_chunks_cross_the_wire_as_their_compressed_frames(tmp_path: Path,
 
 def test_reads_survive_servers_killed_and_stalled_mid_read(tmp_path: Path,
                                                            cache_servers: list[CacheServerProcess]) -> None:
-    store, chunks, refs = local_pack(tmp_path, 32, 16_000, packs=8)
+    store, chunks, refs = local_pack(tmp_path, 32, 16_000, packs=32)
     expected = {r.digest: c for r, c in zip(refs, chunks)}
     blob = BlobTier(store)
     a = start_cache_server(tmp_path / "a", store.root)
@@ -145,6 +145,7 @@ def test_reads_survive_servers_killed_and_stalled_mid_read(tmp_path: Path,
     stall = 0.5
     tier = AZCacheTier([a.address, b.address], stall_timeout=stall, probe_interval=0.2)
     a_owned = [r for r in refs if tier.owner(r) == a.address]
+    assert 4 <= len(a_owned) <= 28, "each server owns some of the 32 packs"
     rng = random.Random(5)
 
     async def read(batch: list[ChunkRef]) -> tuple[dict[bytes, bytes], float]:

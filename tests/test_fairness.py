@@ -212,3 +212,49 @@ def test_a_slow_zone_that_bounds_its_waits_gets_no_batch_deadline(tmp_path: Path
     s = chain.stats()
     assert s.direct_reads == 0 and s.tier("az").hits >= 1
     assert s.tier("az").corrupt == 1, "the tier's own rejections show as az.corrupt"
+
+
+class JustDownZone(DownZone):
+    """A zone whose servers all went down ``down_for`` seconds ago (mock time)."""
+
+    def __init__(self, since: float) -> None:
+        super().__init__()
+        self.since = since
+
+    def unhealthy_for(self) -> float:
+        return 0.0 if self.up else trio.current_time() - self.since
+
+
+def test_background_reads_wait_for_a_zone_that_just_went_down(tmp_path: Path) -> None:
+    store = CountingStore(str(tmp_path / "store"))
+    chunks = random_chunks(4, 20_000, seed=8)
+    refs = write_pack(store, chunks)
+
+    async def main() -> tuple[int, int, float]:
+        zone = JustDownZone(trio.current_time() - 1)  # its last server went down a second ago
+        chain = ChunkChain(BlobTier(store), None, MemoryTier(1 << 20), remote_tiers=[zone])
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            n.start_soon(chain.prefetch, refs[1:])
+            await trio.sleep(5)  # the server is restarted 5 s later (6 s after it went down)
+            assert store.range_reads == 0, "the prefetch did not go to the store meanwhile"
+            assert await chain.get(refs[0]) == chunks[0]  # a demand read does, within the budget
+            assert store.range_reads == 1
+            zone.up = True
+            zone.chunks = {r.digest: c for r, c in zip(refs, chunks)}
+        s = chain.stats()
+        return s.prefetched, s.direct_waits, trio.current_time() - t0
+
+    # (The clock jumps only after 50 ms of real idleness: with a zero threshold it would
+    # race through the 30 s grace while the demand read runs in a worker thread.)
+    prefetched, held, took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.05))
+    assert prefetched == 3 and store.range_reads == 1, "the prefetch came through the zone once it was back"
+    assert held > 0 and took < 6
+
+    async def long_down() -> int:
+        zone = JustDownZone(trio.current_time() - 60)  # down for a minute: not coming back soon
+        chain = ChunkChain(BlobTier(store), None, MemoryTier(1 << 20), remote_tiers=[zone])
+        return await chain.prefetch(refs[1:])
+
+    before = store.range_reads
+    assert mock_run(long_down) == 3 and store.range_reads == before + 1, "then background uses the budget"
