@@ -615,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{r['zone_served_bytes'] / 1e6:.1f} MB; start p50 {r['start_p50_s']} s, p99 {r['start_p99_s']} s; "
                     f"CPU {r['cpu_busy_cores_starts']} cores; direct reads {r['direct_reads']}; "
                     f"{'ok' if r['ok'] else 'FAILED: ' + '; '.join(h['error'] for h in r['host_runs'] if h['error'])}")
-                shutil.rmtree(rundir / "servers" / tag, ignore_errors=True)
+                for cache in (rundir / "servers" / tag).glob("*/cache"):  # (their logs stay)
+                    shutil.rmtree(cache, ignore_errors=True)
             settings = {k: v for k, v in vars(args).items()}
             settings.update({"image": img.name, "digest": digest, "workset_files": workset.files,
                              "workset_bytes": workset.bytes})

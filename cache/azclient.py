@@ -156,7 +156,7 @@ class _Conn:
     not the server, and the wait starts again. Time spent between receives (verifying
     what arrived) never counts against the server."""
 
-    __slots__ = ("stream", "sock", "buf", "reused", "stall")
+    __slots__ = ("stream", "sock", "buf", "reused", "stall", "received")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -164,6 +164,7 @@ class _Conn:
         self.buf = bytearray()
         self.reused = False
         self.stall = 0.0
+        self.received = 0  # bytes received in the current response
 
     async def _recv(self, into: memoryview | None) -> bytes | int:
         """One receive (``recv_into(into)``, or ``recv``), within the stall rule."""
@@ -171,12 +172,16 @@ class _Conn:
             with trio.move_on_after(self.stall or math.inf) as waited:
                 try:
                     if into is None:
-                        return await self.sock.recv(RECV_SIZE)
-                    return await self.sock.recv_into(into)
+                        data = await self.sock.recv(RECV_SIZE)
+                        self.received += len(data)
+                        return data
+                    n = await self.sock.recv_into(into)
+                    self.received += n
+                    return n
                 except OSError as e:
                     raise ServerFailed(f"receive: {e}") from e
             if waited.cancelled_caught and not _readable(self.sock):
-                raise Stalled(f"no byte for {self.stall:g}s")
+                raise Stalled(f"no byte for {self.stall:g}s (after {self.received} bytes of the answer)")
 
     async def send_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -514,7 +519,7 @@ class AZCacheTier:
             conn = await self._connect(server)
             done = False
             try:
-                conn.stall = self.stall_timeout
+                conn.stall, conn.received = self.stall_timeout, 0
                 await conn.send_all(request)
                 status, headers = await conn.read_head()
                 if status != 200:
