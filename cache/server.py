@@ -39,10 +39,13 @@ broken), so it is built to be simple and fast rather than clever:
   in a pack become one ranged read. Fetches run in the server's own nursery, so a
   client that disconnects does not cancel a fetch others wait on. A fetched chunk
   stays in flight (served from memory) until its cache file is written.
-- **Read-ahead for background work**: a background read-through also reads the chunks
-  that follow it in the pack (from its table of contents), up to ``max_range`` bytes a
-  read, so a prefetch asking in small batches from a cold zone pays one store round
-  trip per range, not per batch.
+- **Read-ahead**: a read-through also reads the chunks that follow it in the pack (from
+  its table of contents), up to ``max_range`` bytes a read for background work, so a
+  prefetch asking in small batches from a cold zone pays one store round trip per
+  range, not per batch (the first host of a zone started in 3.8 s instead of 7.3 s),
+  and :data:`DEMAND_READ_AHEAD` for demand (a blocked reader waits for the whole read:
+  2 MiB is ~17 ms at 1 Gbit/s; with it, a 16-host burst made as many store GETs as one
+  host, 48 against 46, where demand reads without it made 56 against 38).
 - **Read-through only for what exists**: a ref is read from the store only if the
   pack's table of contents (:mod:`cache.packtoc`, loaded once per pack) lists that
   digest at that offset with those sizes, or, for a store without tables of contents,
@@ -123,6 +126,7 @@ MAX_BODY = MAX_BATCH_REFS * (REF_HEAD.size + MAX_PACK_KEY)
 SMALL_WRITE = 64 * 1024  # pieces below this are copied into the response buffer, not sent alone
 SEND_BATCH = 1 << 20  # the response buffer is sent whenever it holds this much
 TOC_LOADS = 4  # tables of contents loaded at once
+DEMAND_READ_AHEAD = 2 << 20  # bytes a demand read-through spans with what follows it
 PROGRESS_FRAME = FRAME_HEAD.pack(PROGRESS_DIGEST, ST_PROGRESS, 0)
 
 
@@ -1092,22 +1096,26 @@ class CacheServer:
                 else:
                     self._refuse(r, bad, flights)
             runs = _runs(ok, self.opts.max_range)
-            if info.order and not any(flights[r.digest].demand for r in ok):
-                runs = self._read_ahead(pack, info, runs, flights, owned)
+            if info.order:
+                demand = any(flights[r.digest].demand for r in ok)
+                runs = self._read_ahead(pack, info, runs, flights, owned,
+                                        DEMAND_READ_AHEAD if demand else self.opts.max_range)
             for run in runs:
                 nursery.start_soon(self._read_and_settle, run, flights, got)
 
     def _read_ahead(self, pack: str, info: _Pack, runs: list[list[ChunkRef]], flights: dict[bytes, _Flight],
-                    owned: list[tuple[ChunkRef, _Flight]]) -> list[list[ChunkRef]]:
-        """Extend background runs with the chunks that follow them in the pack (from its
-        table of contents), up to ``max_range`` bytes a read, as flights of their own.
+                    owned: list[tuple[ChunkRef, _Flight]], span: int) -> list[list[ChunkRef]]:
+        """Extend runs with the chunks that follow them in the pack (from its table of
+        contents), to ``span`` bytes a read and never into the next owner segment, as
+        flights of their own.
 
         Why: a prefetch (or profile replay) asks for a pack in order, in small batches
         one after another, so that a warm zone never queues much on a host's link ahead
         of its demand reads; from a cold zone each of those batches cost a store round
         trip (1 MiB per ~200 ms and per prefetch stream). Reading the rest of the range
         in the same GET makes the next batches hits or joins: one round trip per
-        ``max_range``, for every host of the zone."""
+        ``max_range``, for every host of the zone. Demand reads get a shorter span (see
+        the module docstring)."""
         out: list[list[ChunkRef]] = []
         offsets = info.offsets
         for run in runs:
@@ -1117,7 +1125,7 @@ class CacheServer:
             candidates: list[ChunkRef] = []
             while i < len(info.order):
                 off, d, clen, ulen = info.order[i]
-                if off != end or off + clen - run[0].offset > self.opts.max_range or off >= segment_end:
+                if off != end or off + clen - run[0].offset > span or off >= segment_end:
                     break
                 if d in self._flights or d in self._verified or d in flights:
                     break  # held or coming: what follows most likely too

@@ -387,26 +387,30 @@ def test_an_index_comes_through_the_zone_verified_else_from_the_store(
     assert gets == ["refs/app", key, key]
 
 
-def test_a_background_read_through_reads_ahead_in_the_pack_and_demand_does_not(
+def test_a_read_through_reads_ahead_in_the_pack_demand_a_little_background_a_range(
         tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
     store = LocalStore(str(tmp_path / "store"))
-    chunks = random_chunks(16, 100_000, seed=21, compressible=False)  # 1.6 MB: two background batches
+    chunks = random_chunks(40, 100_000, seed=21, compressible=False)  # 4 MB in one pack
     refs = write_pack(store, chunks)
     srv = start_cache_server(tmp_path, store.root)
     cache_servers.append(srv)
     tier = AZCacheTier([srv.address])
 
-    async def main() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-        demand = await tier.fetch(refs[:1])
-        return demand, await tier.fetch(refs[1:], background=True)
+    async def main() -> tuple[dict[bytes, bytes], dict[bytes, bytes], dict[bytes, bytes], dict[bytes, bytes]]:
+        first = await tier.fetch(refs[:1])  # the pack's first read: its table loads meanwhile
+        demand = await tier.fetch(refs[1:2])
+        background = await tier.fetch(refs[21:], background=True)  # two batches of ~1 MiB
+        return first, demand, await tier.fetch(refs[2:21]), background
 
-    demand, background = run(main)
-    assert demand == {refs[0].digest: chunks[0]}
-    assert background == {r.digest: c for r, c in zip(refs[1:], chunks[1:])}
+    first, demand, brought, background = run(main)
+    assert first == {refs[0].digest: chunks[0]} and demand == {refs[1].digest: chunks[1]}
+    assert brought == {r.digest: c for r, c in zip(refs[2:21], chunks[2:21])}
+    assert background == {r.digest: c for r, c in zip(refs[21:], chunks[21:])}
     m = srv.metrics()
-    # The demand read brought its chunk alone; the first background batch (~1 MiB) read
-    # the rest of the pack in the same GET, so the second batch was served from the server.
-    assert m["imagefs_cache_server_blob_fetches_total"] == 2
-    assert m["imagefs_cache_server_read_ahead_total"] == 15 - 10
+    # The second demand read spanned 2 MiB (its chunk and the 19 after it); the first
+    # background batch read the rest of the pack in the same GET (up to 8 MiB), so the
+    # second batch, and the demand read of chunks 2-20, were served from the server.
+    assert m["imagefs_cache_server_blob_fetches_total"] == 3
+    assert m["imagefs_cache_server_read_ahead_total"] == 19 + 9
     assert m['imagefs_cache_server_class_requests_total{class="background"}'] == 2
-    assert tier.read_through == 1 + 10
+    assert tier.read_through == 1 + 1 + 10
