@@ -45,7 +45,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import trio
 
@@ -366,28 +366,49 @@ class ChunkChain:
 
     async def _through_remote(self, ref: ChunkRef, wanted: Sequence[ChunkRef], background: bool) -> dict[bytes, bytes]:
         """What the remote tiers have of ``wanted``. If they lack ``ref``, return only once
-        the store budget grants a direct read (asking the tiers again after each wait:
-        a server back up takes the read over)."""
-        got: dict[bytes, bytes] = {}
+        a direct store read may be made (:meth:`_wait_for_store`)."""
+        got = await self._ask_tiers(wanted, {}, background, lambda g: ref.digest in g)
+        if ref.digest in got:
+            return got
+        return await self._wait_for_store(wanted, got, background, lambda g: ref.digest in g)
+
+    async def _ask_tiers(self, wanted: Sequence[ChunkRef], got: dict[bytes, bytes], background: bool,
+                         done: Callable[[dict[bytes, bytes]], bool]) -> dict[bytes, bytes]:
+        """Ask each remote tier that has a server up for what ``got`` lacks, until ``done``."""
+        for tier in self.remote_tiers:
+            healthy = getattr(tier, "healthy", None)
+            if healthy is not None and not healthy():
+                continue  # no server to ask: a miss without a request
+            want = [r for r in wanted if r.digest not in got]
+            if not want:
+                break
+            got.update(await self._ask_remote(tier, want, background))
+            if done(got):
+                break
+        return got
+
+    async def _wait_for_store(self, wanted: Sequence[ChunkRef], got: dict[bytes, bytes], background: bool,
+                              done: Callable[[dict[bytes, bytes]], bool]) -> dict[bytes, bytes]:
+        """Hold a read the remote tiers could not serve until the store budget grants it
+        (and, a background read, until a zone with no server up has been down for
+        ``background_grace``), asking the tiers again after each wait: a server back up
+        takes the read over. Returns what the tiers brought meanwhile; the caller reads
+        the rest from the store (``done(got)``: nothing left to read)."""
+        assert self.store_budget is not None
         while True:
-            for tier in self.remote_tiers:
-                healthy = getattr(tier, "healthy", None)
-                if healthy is not None and not healthy():
-                    continue  # no server to ask: a miss without a request
-                got.update(await self._ask_remote(tier, [r for r in wanted if r.digest not in got], background))
-                if ref.digest in got:
-                    return got
             self._prefetch_pays.set()  # the zone's cache lacks some of the image
-            assert self.store_budget is not None
             if background and any(0 < getattr(t, "unhealthy_for", lambda: 0.0)() < self.background_grace
                                   for t in self.remote_tiers):
                 self._background_held += 1  # the zone is down, likely not for long: wait for it
                 await trio.sleep(BUDGET_RECHECK_S)
-                continue
-            wait = self.store_budget.take(background=background)
-            if not wait:
+            else:
+                wait = self.store_budget.take(background=background)
+                if not wait:
+                    return got
+                await trio.sleep(min(wait, BUDGET_RECHECK_S))
+            got = await self._ask_tiers(wanted, got, background, done)
+            if done(got):
                 return got
-            await trio.sleep(min(wait, BUDGET_RECHECK_S))
 
     async def _ask_remote(self, tier: RemoteTier, refs: Sequence[ChunkRef], background: bool) -> dict[bytes, bytes]:
         c = self._remote_counters[tier.name]
@@ -639,9 +660,10 @@ class ChunkChain:
             moved += sum(r.clen for r in want if r.digest in more)
             got.update(more)
         rest = [r for r in refs if r.digest not in got]
+        if rest and self.remote_tiers:  # the store only within the budget (and not around a zone just down)
+            got = await self._wait_for_store(refs, got, True, lambda g: all(r.digest in g for r in refs))
+            rest = [r for r in refs if r.digest not in got]
         if rest:
-            if self.remote_tiers:
-                self._prefetch_pays.set()  # the zone's cache lacks some of the image
             self._fetches += 1
             for attempt in range(2):
                 try:

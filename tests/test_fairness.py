@@ -258,3 +258,28 @@ def test_background_reads_wait_for_a_zone_that_just_went_down(tmp_path: Path) ->
 
     before = store.range_reads
     assert mock_run(long_down) == 3 and store.range_reads == before + 1, "then background uses the budget"
+
+
+def test_a_profile_replay_span_waits_for_a_zone_that_just_went_down(tmp_path: Path) -> None:
+    store = CountingStore(str(tmp_path / "store"))
+    chunks = random_chunks(4, 20_000, seed=9)
+    refs = write_pack(store, chunks)
+
+    async def main() -> dict[bytes, bytes]:
+        zone = JustDownZone(trio.current_time() - 1)
+        chain = ChunkChain(BlobTier(store), None, MemoryTier(1 << 20), remote_tiers=[zone])
+        async with trio.open_nursery() as n:
+            result: dict[bytes, bytes] = {}
+
+            async def span() -> None:
+                result.update((await chain.fetch_span_below(refs))[0])
+
+            n.start_soon(span)
+            await trio.sleep(5)
+            assert store.range_reads == 0, "the replay did not go around the zone to the store"
+            zone.up = True
+            zone.chunks = {r.digest: c for r, c in zip(refs, chunks)}
+        return result
+
+    got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.05))
+    assert got == {r.digest: c for r, c in zip(refs, chunks)} and store.range_reads == 0
