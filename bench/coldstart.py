@@ -25,30 +25,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import fcntl
-import hashlib
-import json
 import os
-import platform
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import netem, profiled, report, scenarios, services
+from bench.prep import (PREP_VERSION, PrepError, index_into_store, layout_dir, locked, machine_info, manifest_digest,
+                        prepare_code, run_checked, sigterm_as_interrupt, step)
 from bench.scenarios import Context, ImageAssets, RunResult, Workload
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
-PREP_VERSION = 1  # bump when a preparation step changes its output
 
 CHAIN = ("imagefs-cold", "imagefs-ssd", "imagefs-page")
 S3_PORT, REGISTRY_PORT, CASYNC_PORT, CACHE_PORT = 8333, 5000, 8081, 7070
@@ -69,97 +64,6 @@ def log(msg: str) -> None:
     print(f"[coldstart {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- stamps
-
-
-def _stamp_matches(path: Path, inputs: dict[str, Any]) -> bool:
-    try:
-        return bool(json.loads(path.read_text()).get("inputs") == inputs)
-    except (OSError, ValueError):
-        return False
-
-
-def _write_stamp(path: Path, inputs: dict[str, Any], seconds: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"inputs": inputs, "seconds": round(seconds, 1),
-                               "at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}))
-    tmp.replace(path)
-
-
-@contextlib.contextmanager
-def _step(stamp: Path, inputs: dict[str, Any], what: str) -> Iterator[bool]:
-    """Yields True if the step must run; stamps it when the body completes."""
-    if _stamp_matches(stamp, inputs):
-        yield False
-        return
-    stamp.unlink(missing_ok=True)
-    log(f"preparing: {what}")
-    t0 = time.monotonic()
-    yield True
-    _write_stamp(stamp, inputs, time.monotonic() - t0)
-    log(f"prepared: {what} in {time.monotonic() - t0:.1f}s")
-
-
-def _run(argv: Sequence[str], what: str, env: dict[str, str] | None = None, timeout: float = 3600) -> str:
-    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
-    if res.returncode:
-        raise PrepError(f"{what} failed ({res.returncode}): `{shlex.join(argv)}`\n{(res.stderr or res.stdout)[-2000:]}")
-    return res.stdout
-
-
-class PrepError(RuntimeError):
-    """A preparation step failed; the message has the command and its output."""
-
-
-def layout_dir(ref: str) -> Path:
-    """``oci:PATH:TAG`` -> PATH."""
-    body = ref[len("oci:"):] if ref.startswith("oci:") else ref
-    path, _, _tag = body.rpartition(":")
-    return Path(path or body)
-
-
-def manifest_digest(layout: Path) -> str:
-    return str(json.loads((layout / "index.json").read_text())["manifests"][0]["digest"])
-
-
-def source_hash(root: Path, *dirs: str) -> str:
-    """Digest of the indexer's sources: an index built by other code is rebuilt."""
-    h = hashlib.sha256()
-    for d in dirs:
-        for p in sorted((root / d).rglob("*.py")):
-            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-CODE_DIRS = ("imagefs", "indexer", "cache")
-
-
-def prepare_code(rundir: Path, mode: str) -> tuple[Path, str]:
-    """The imagefs code every command of this run uses, and how to name it.
-
-    ``head``: an export of the committed HEAD into the run directory, put first on
-    PYTHONPATH (ahead of the editable install) for this process and every child, so
-    that edits others make to the checkout while the matrix runs cannot leak into it.
-    ``worktree``: the checkout as it is.
-    """
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=True).stdout
-
-    commit = git("rev-parse", "--short", "HEAD").strip()
-    if mode == "worktree":
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_DIRS).strip()
-        return REPO, commit + ("+uncommitted changes" if dirty else "")
-    code = rundir / "code"
-    code.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", *CODE_DIRS], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
-    sys.path.insert(0, str(code))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
-    return code, commit
-
-
 # --------------------------------------------------------------------------- preparation
 
 
@@ -168,22 +72,22 @@ def prepare_local(work: Path, img: Any) -> ImageAssets:
     rootfs = Path(img.rootfs)
     ident = {"zstd": manifest_digest(layout_dir(img.layout_zstd)), "prep": PREP_VERSION}
     sqfs = work / "squashfs" / f"{img.name}.sqfs"
-    with _step(sqfs.with_suffix(".stamp.json"), {**ident, "comp": "zstd"}, f"squashfs of {img.name}") as todo:
+    with step(sqfs.with_suffix(".stamp.json"), {**ident, "comp": "zstd"}, f"squashfs of {img.name}", log) as todo:
         if todo:
             sqfs.parent.mkdir(parents=True, exist_ok=True)
             tmp = sqfs.with_suffix(".tmp")
             tmp.unlink(missing_ok=True)
-            _run(["mksquashfs", str(rootfs), str(tmp), "-comp", "zstd", "-noappend", "-no-progress", "-quiet"],
+            run_checked(["mksquashfs", str(rootfs), str(tmp), "-comp", "zstd", "-noappend", "-no-progress", "-quiet"],
                  f"mksquashfs {img.name}")
             tmp.replace(sqfs)
     casync_dir = work / "casync"
     caidx = casync_dir / f"{img.name}.caidx"
-    with _step(casync_dir / f"{img.name}.stamp.json", ident, f"casync store of {img.name}") as todo:
+    with step(casync_dir / f"{img.name}.stamp.json", ident, f"casync store of {img.name}", log) as todo:
         if todo:
             casync_dir.mkdir(parents=True, exist_ok=True)
             tmp = casync_dir / f".{img.name}.tmp.caidx"
             tmp.unlink(missing_ok=True)
-            _run(["casync", "make", f"--store={casync_dir / 'default.castr'}", str(tmp), str(rootfs)],
+            run_checked(["casync", "make", f"--store={casync_dir / 'default.castr'}", str(tmp), str(rootfs)],
                  f"casync make {img.name}")
             tmp.replace(caidx)
     config = scenarios.oci_config(layout_dir(img.layout_gzip))
@@ -198,22 +102,14 @@ def prepare_servers(work: Path, ns_blob: str, images: dict[str, Any], assets: di
     for name, img in images.items():
         a = assets[name]
         gz = manifest_digest(layout_dir(img.layout_gzip))
-        with _step(work / "registry" / "stamps" / f"{name}.json", {"gzip": gz, "prep": PREP_VERSION},
-                   f"push {name} to the registry") as todo:
+        with step(work / "registry" / "stamps" / f"{name}.json", {"gzip": gz, "prep": PREP_VERSION},
+                  f"push {name} to the registry", log) as todo:
             if todo:
-                _run(services.in_ns(ns_blob, ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                                              f"oci:{layout_dir(img.layout_gzip)}:latest",
-                                              f"docker://127.0.0.1:{REGISTRY_PORT}/{a.registry_repo}"]),
-                     f"skopeo push {name}")
-        zs = manifest_digest(layout_dir(img.layout_zstd))
-        inputs = {"zstd": zs, "indexer": source_hash(code_dir, "indexer", "cache"), "prep": PREP_VERSION}
-        with _step(work / "seaweed" / "stamps" / f"{name}.json", inputs, f"imagefs index {name}") as todo:
-            if todo:
-                _run(services.in_ns(ns_blob, [services.tool("imagefs"), "-q", "index", f"oci:{layout_dir(img.layout_zstd)}:latest",
-                                              "--store", f"s3://{services.S3_BUCKET}",
-                                              "--s3-endpoint", f"http://127.0.0.1:{S3_PORT}",
-                                              "--name", a.store_name]),
-                     f"imagefs index {name}", env=services.s3_env())
+                run_checked(services.in_ns(ns_blob, ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                                                     f"oci:{layout_dir(img.layout_gzip)}:latest",
+                                                     f"docker://127.0.0.1:{REGISTRY_PORT}/{a.registry_repo}"]),
+                            f"skopeo push {name}")
+        index_into_store(work, ns_blob, name, img.layout_zstd, a.store_name, code_dir, S3_PORT, log)
 
 
 # --------------------------------------------------------------------------- environment
@@ -237,33 +133,6 @@ def cleanup_rundir(rundir: Path) -> None:
     for mp in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
         scenarios.force_unmount(Path(mp))
     shutil.rmtree(rundir, ignore_errors=True)
-
-
-def machine_info(code: str) -> dict[str, Any]:
-    mem_kb = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    osname = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                osname = line.split("=", 1)[1].strip('"')
-
-    def version(argv: list[str]) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            return (r.stdout or r.stderr).strip().splitlines()[0][:80]
-        return "?"
-
-    return {"hostname": socket.gethostname(), "kernel": platform.release(), "os": osname,
-            "cpus": os.cpu_count() or 0, "memory_gib": round(mem_kb / (1 << 20), 1),
-            "python": platform.python_version(), "commit": code,
-            "tools": {"skopeo": version(["skopeo", "--version"]), "umoci": version(["umoci", "--version"]),
-                      "runc": version(["runc", "--version"]), "casync": version(["casync", "--version"]),
-                      "squashfuse": version(["squashfuse", "--version"]),
-                      "mksquashfs": version(["mksquashfs", "-version"])}}
 
 
 # --------------------------------------------------------------------------- matrix
@@ -434,29 +303,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrepError(f"another coldstart run holds {path}") from None
-        yield
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if os.geteuid() != 0:
@@ -470,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now().astimezone()
     os.environ.update(services.s3_env())
     try:
-        with _locked(work / ".lock"), _sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+        with locked(work / ".lock", "coldstart"), sigterm_as_interrupt(), contextlib.ExitStack() as stack:
             rundir = work / "run"
             cleanup_rundir(rundir)
             rundir.mkdir(parents=True)

@@ -11,7 +11,9 @@ Addresses are IPv4 /30 pairs carved from 198.18.0.0/15, the range RFC 2544 sets 
 for benchmarking: nothing else on a machine should route it, and :func:`preflight`
 refuses to run if something does. Names carry a fixed prefix so that a run killed
 with SIGKILL can be cleaned up by the next one (:func:`remove_stale`); a lock in the
-work directory keeps two runs apart.
+work directory keeps two runs apart. Each bench has its own prefixes and its own share
+of the range (``ifcs``: the cold-start bench from the start of it; ``fl``: the fleet
+bench from :data:`FLEET_FIRST_SUBNET`), so one never removes or collides with another's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 NS_PREFIX = "ifcs-"  # imagefs cold start
 VETH_PREFIX = "ifcs"
 BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
+FLEET_FIRST_SUBNET = 1 << 14  # the fleet bench's /30s start at 198.19.0.0
 
 
 class NetemError(RuntimeError):
@@ -41,11 +44,11 @@ def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
     return res
 
 
-def preflight() -> None:
+def preflight(veth_prefix: str = VETH_PREFIX) -> None:
     """Refuse to run if the host already uses the bench range (we would break its routes)."""
     for argv in (["ip", "-4", "-o", "addr", "show"], ["ip", "-4", "route", "show", "table", "all"]):
         for line in _run(argv).stdout.splitlines():
-            if f" {VETH_PREFIX}" in line or "dev " + VETH_PREFIX in line:
+            if f" {veth_prefix}" in line or "dev " + veth_prefix in line:
                 continue  # our own stale link, removed by remove_stale()
             for word in re.findall(r"\d+\.\d+\.\d+\.\d+(?:/\d+)?", line):
                 try:
@@ -88,16 +91,16 @@ def delete_namespace(name: str) -> None:
     _run(["ip", "netns", "del", name], check=False)
 
 
-def remove_stale() -> list[str]:
+def remove_stale(ns_prefix: str = NS_PREFIX, veth_prefix: str = VETH_PREFIX) -> list[str]:
     """Remove namespaces and host veth ends a killed earlier run left (our prefix only)."""
     removed = []
     for ns in list_namespaces():
-        if ns.startswith(NS_PREFIX):
+        if ns.startswith(ns_prefix):
             delete_namespace(ns)
             removed.append(ns)
     for line in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
         m = re.match(r"\d+:\s+([^:@\s]+)", line)
-        if m and m.group(1).startswith(VETH_PREFIX):
+        if m and m.group(1).startswith(veth_prefix):
             _run(["ip", "link", "del", m.group(1)], check=False)
             removed.append(m.group(1))
     return removed
@@ -155,11 +158,14 @@ class Topology:
     tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
     namespaces: list[str] = field(default_factory=list)
     links: dict[str, Link] = field(default_factory=dict)
+    ns_prefix: str = NS_PREFIX
+    veth_prefix: str = VETH_PREFIX
+    first_subnet: int = 0  # index of the first /30 of BENCH_NET this topology uses
     _subnets: int = 0
 
     def namespace(self, role: str) -> str:
-        """Create ``ifcs-<role>-<tag>`` with loopback up; returns its name."""
-        name = f"{NS_PREFIX}{role}-{self.tag}"
+        """Create ``<ns_prefix><role>-<tag>`` with loopback up; returns its name."""
+        name = f"{self.ns_prefix}{role}-{self.tag}"
         _run(["ip", "netns", "add", name])
         self.namespaces.append(name)
         _run(["ip", "-n", name, "link", "set", "lo", "up"])
@@ -170,9 +176,11 @@ class Topology:
         both ends capped at ``rate_mbit``."""
         idx = self._subnets
         self._subnets += 1
-        net = list(BENCH_NET.subnets(new_prefix=30))[idx]
+        net = ipaddress.ip_network((int(BENCH_NET.network_address) + 4 * (self.first_subnet + idx), 30))
+        if not net.subnet_of(BENCH_NET):  # type: ignore[arg-type]
+            raise NetemError(f"out of bench addresses ({net})")
         host_a, host_b = (str(h) for h in list(net.hosts())[:2])
-        dev_a, dev_b = f"{VETH_PREFIX}{idx}a{self.tag}"[:15], f"{VETH_PREFIX}{idx}b{self.tag}"[:15]
+        dev_a, dev_b = f"{self.veth_prefix}{idx}a{self.tag}"[:15], f"{self.veth_prefix}{idx}b{self.tag}"[:15]
         _run(["ip", "link", "add", dev_a, "type", "veth", "peer", "name", dev_b])
         for dev, ns, addr in ((dev_a, ns_a, host_a), (dev_b, ns_b, host_b)):
             if ns:

@@ -274,16 +274,17 @@ def start_delay_proxy(name: str, ns: str | None, listen: str, target: str, *, tt
 
 
 def start_cache_server(ns: str, workdir: Path, *, port: int, store: str, s3_endpoint: str,
-                       max_size: str) -> Service:
-    """``imagefs cache-server`` (the AZ tier) on the namespace's loopback."""
+                       max_size: str, host: str = "127.0.0.1", extra: Sequence[str] = ()) -> Service:
+    """``imagefs cache-server`` (the AZ tier) on ``host`` (default: the namespace's
+    loopback) with ``extra`` options; its disk cache in ``workdir/cache``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [tool("imagefs"), "cache-server", "--listen", f"127.0.0.1:{port}", "--store", store,
-            "--s3-endpoint", s3_endpoint, "--dir", str(workdir / "cache"), "--max-size", max_size]
+    argv = [tool("imagefs"), "cache-server", "--listen", f"{host}:{port}", "--store", store,
+            "--s3-endpoint", s3_endpoint, "--dir", str(workdir / "cache"), "--max-size", max_size, *extra]
     svc = start_process("cache-server", argv, workdir / "cache-server.log", ns=ns, env=s3_env())
-    svc.address = f"127.0.0.1:{port}"
+    svc.address = f"{host}:{port}"
 
     def listening() -> bool:
-        res = subprocess.run(in_ns(ns, ["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"]),
+        res = subprocess.run(in_ns(ns, ["bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"]),
                              capture_output=True, timeout=10)
         return res.returncode == 0
 
@@ -291,13 +292,24 @@ def start_cache_server(ns: str, workdir: Path, *, port: int, store: str, s3_endp
     return svc
 
 
-def start_agent(run_dir: Path, log: Path) -> Service:
+def net_only(ns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv`` in network namespace ``ns`` but the host's mount namespace (``nsenter
+    --net``): what a FUSE mount made there needs to be seen by the host. (``ip netns
+    exec`` also gives the command a mount namespace of its own, whose mounts the host
+    never sees.)"""
+    return ["nsenter", f"--net=/run/netns/{ns}", "--", *argv] if ns else list(argv)
+
+
+def start_agent(run_dir: Path, log: Path, *, netns: str | None = None,
+                env: dict[str, str] | None = None) -> Service:
     """``imagefs agent`` with its socket in ``run_dir`` (the ``$IMAGEFS_RUN_DIR`` that
     ``imagefs mount`` looks in): mounts fork from it instead of starting Python, as on a
-    host that runs the agent."""
+    host that runs the agent. With ``netns``, the agent (and every mount daemon it
+    forks) reaches the network of that namespace: one simulated host of a fleet."""
     sock = run_dir / "agent.sock"
     run_dir.mkdir(parents=True, exist_ok=True)
-    svc = start_process("imagefs-agent", [tool("imagefs"), "agent", "--socket", str(sock)], log, env=s3_env())
+    svc = start_process("imagefs-agent", net_only(netns, [tool("imagefs"), "agent", "--socket", str(sock)]), log,
+                        env={**s3_env(), **(env or {})})
 
     def answers() -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

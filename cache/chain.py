@@ -20,6 +20,13 @@ The shape follows from the physics in DESIGN.md:
   what remote tiers return, unless the tier says it has (``verifies``: the AZ client
   decompresses and hashes every chunk itself, and a second blake3 pass over the
   same bytes bought nothing), so a wrong server costs latency only.
+- A slow remote tier is not a missing one: a tier that ends its fetches by rules of
+  its own (``bounds_waits``: the AZ client waits as long as its server makes
+  progress) gets no batch deadline from the chain, only a safety cap. What the remote
+  tiers lack goes to the blob store within a per-host budget of direct reads
+  (:class:`~cache.storebudget.StoreBudget`): a zone whose server is down does not
+  turn into every host of the zone reading the store at once. Background reads wait
+  for a zone that went down less than :data:`BACKGROUND_GRACE_S` ago instead.
 - A demand fetch asks a remote tier for the chunk and at most
   :data:`REMOTE_DEMAND_BYTES` of its neighbours, not the blob store's whole range:
   at ~1 ms a round trip costs less than carrying neighbours ahead of time.
@@ -34,10 +41,11 @@ The shape follows from the physics in DESIGN.md:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import trio
 
@@ -47,6 +55,7 @@ from cache.chunk import ChunkError, ChunkRef, CorruptChunk, verify
 from cache.memory import MemoryTier
 from cache.ssd import SSDTier
 from cache.stats import ChainStats, Counters, TierStats
+from cache.storebudget import StoreBudget
 from cache.stream import StreamTracker
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,18 @@ FILL_BATCH_BYTES = 64 << 20
 # import torch from a warm AZ cache: 10.9 s with the blob store's range, 8.3-8.6 s with
 # 1 MiB (8.2-8.5 s with 256 KiB, in more requests).
 REMOTE_DEMAND_BYTES = 1 << 20
+# The outer bound on one fetch of a remote tier that bounds its own waits by progress
+# (``bounds_waits``); other tiers get ``remote_timeout`` per fetch.
+REMOTE_CAP_S = 300.0
+# A fetch waiting for the store budget asks the remote tiers again at least this often
+# (a zone server that comes back takes the read over).
+BUDGET_RECHECK_S = 0.5
+# Background reads (prefetch, profile replay) do not go around a zone whose servers are
+# all down until it has been down this long: a server restarted by its supervisor is
+# back within seconds, and a zone's hosts prefetching the image from the store meanwhile
+# is the herd again (a server killed 1 s into a burst of 8 hosts and restarted 4 s
+# later: the store sent 6.6 copies of the image when prefetches used the budget too).
+BACKGROUND_GRACE_S = 30.0
 
 
 class ChunkUnavailable(ChunkError):
@@ -76,13 +97,21 @@ class RemoteTier(Protocol):
     """A tier reached over the network (the AZ cache server's client).
 
     ``fetch`` returns digest -> uncompressed bytes for the refs it has and leaves out
-    the rest. It may raise or hang: the chain treats that as a miss, with a timeout.
-    ``background`` marks a prefetch: the tier should keep little in flight on the link
-    at once, so that demand fetches do not queue behind it.
+    the rest. It may raise or hang: the chain treats that as a miss, with a timeout
+    (``remote_timeout``), unless the tier's ``bounds_waits`` attribute is true: it then
+    promises to end each fetch by rules of its own (the AZ client: as long as its
+    server makes progress), and the chain only caps it at :data:`REMOTE_CAP_S`.
+    ``background`` marks a prefetch or profile replay: the tier should keep little in
+    flight on the link at once, so that demand fetches do not queue behind it.
     A tier whose ``verifies`` attribute is true promises that every chunk it returns
-    has been checked against its digest and size; the chain checks the others. A tier
-    may count in ``read_through`` the chunks it had to fetch from the blob store itself
-    (a cold zone cache): the chain then starts prefetching.
+    has been checked against its digest and size; the chain checks the others, and
+    such a tier counts in ``corrupt`` the chunks it rejected (shown as its tier's
+    ``corrupt``). A tier may count in ``read_through`` the chunks it had to fetch from
+    the blob store itself (a cold zone cache): the chain then starts prefetching. A
+    ``healthy()`` method that returns False means the tier has no server to ask: the
+    chain does not ask it; ``unhealthy_for()`` (seconds it has had none) holds
+    background reads back for :data:`BACKGROUND_GRACE_S` instead of sending them to
+    the store.
     """
 
     name: str
@@ -117,7 +146,8 @@ class ChunkChain:
                  max_fetches: int = 16,
                  max_prefetches: int = 4, retries: int = 3, backoff: float = 0.05,
                  remote_timeout: float = 2.0, ssd_readers: int = 8,
-                 max_fill_pending: int = 128 << 20, max_stream_threads: int = 8) -> None:
+                 max_fill_pending: int = 128 << 20, max_stream_threads: int = 8,
+                 store_budget: StoreBudget | None = None) -> None:
         self.blob = blob
         self.ssd = ssd
         self.memory = memory
@@ -126,6 +156,11 @@ class ChunkChain:
         self.retries = retries
         self.backoff = backoff
         self.remote_timeout = remote_timeout
+        self.remote_cap = REMOTE_CAP_S
+        # Direct store reads while the remote tiers lack a chunk (only with remote tiers).
+        self.store_budget = (store_budget or StoreBudget()) if self.remote_tiers else None
+        self.background_grace = BACKGROUND_GRACE_S
+        self._background_held = 0
         self.max_fill_pending = max_fill_pending
         self._demand = trio.CapacityLimiter(max_fetches)
         self._prefetch = trio.CapacityLimiter(max_prefetches)
@@ -303,14 +338,13 @@ class ChunkChain:
         store. ``background``: for a prefetch (see :class:`RemoteTier`)."""
         self._fetches += 1
         got: dict[bytes, bytes] = {}
-        wanted = [ref, *run]
-        if not background and self.remote_tiers:  # ``run`` sits back to back after ``ref``
-            wanted = [ref, *contiguous_run(ref, run, self.remote_demand_bytes)]
-        for tier in self.remote_tiers:
-            got.update(await self._ask_remote(tier, [r for r in wanted if r.digest not in got], background))
+        if self.remote_tiers:
+            wanted = [ref, *run]
+            if not background:  # ``run`` sits back to back after ``ref``
+                wanted = [ref, *contiguous_run(ref, run, self.remote_demand_bytes)]
+            got = await self._through_remote(ref, wanted, background)
             if ref.digest in got:
                 return got
-        self._prefetch_pays.set()  # the zone's cache lacks some of the image
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -330,12 +364,59 @@ class ChunkChain:
             return got
         raise ChunkUnavailable(ref, f"blob store failed {self.retries + 1} times: {last}") from last
 
+    async def _through_remote(self, ref: ChunkRef, wanted: Sequence[ChunkRef], background: bool) -> dict[bytes, bytes]:
+        """What the remote tiers have of ``wanted``. If they lack ``ref``, return only once
+        a direct store read may be made (:meth:`_wait_for_store`)."""
+        got = await self._ask_tiers(wanted, {}, background, lambda g: ref.digest in g)
+        if ref.digest in got:
+            return got
+        return await self._wait_for_store(wanted, got, background, lambda g: ref.digest in g)
+
+    async def _ask_tiers(self, wanted: Sequence[ChunkRef], got: dict[bytes, bytes], background: bool,
+                         done: Callable[[dict[bytes, bytes]], bool]) -> dict[bytes, bytes]:
+        """Ask each remote tier that has a server up for what ``got`` lacks, until ``done``."""
+        for tier in self.remote_tiers:
+            healthy = getattr(tier, "healthy", None)
+            if healthy is not None and not healthy():
+                continue  # no server to ask: a miss without a request
+            want = [r for r in wanted if r.digest not in got]
+            if not want:
+                break
+            got.update(await self._ask_remote(tier, want, background))
+            if done(got):
+                break
+        return got
+
+    async def _wait_for_store(self, wanted: Sequence[ChunkRef], got: dict[bytes, bytes], background: bool,
+                              done: Callable[[dict[bytes, bytes]], bool]) -> dict[bytes, bytes]:
+        """Hold a read the remote tiers could not serve until the store budget grants it
+        (and, a background read, until a zone with no server up has been down for
+        ``background_grace``), asking the tiers again after each wait: a server back up
+        takes the read over. Returns what the tiers brought meanwhile; the caller reads
+        the rest from the store (``done(got)``: nothing left to read)."""
+        assert self.store_budget is not None
+        while True:
+            self._prefetch_pays.set()  # the zone's cache lacks some of the image
+            if background and any(0 < getattr(t, "unhealthy_for", lambda: 0.0)() < self.background_grace
+                                  for t in self.remote_tiers):
+                self._background_held += 1  # the zone is down, likely not for long: wait for it
+                await trio.sleep(BUDGET_RECHECK_S)
+            else:
+                wait = self.store_budget.take(background=background)
+                if not wait:
+                    return got
+                await trio.sleep(min(wait, BUDGET_RECHECK_S))
+            got = await self._ask_tiers(wanted, got, background, done)
+            if done(got):
+                return got
+
     async def _ask_remote(self, tier: RemoteTier, refs: Sequence[ChunkRef], background: bool) -> dict[bytes, bytes]:
         c = self._remote_counters[tier.name]
         t0 = time.perf_counter()
         read_through = getattr(tier, "read_through", 0)
+        cap = self.remote_cap if getattr(tier, "bounds_waits", False) else self.remote_timeout
         try:
-            with trio.fail_after(self.remote_timeout):
+            with trio.fail_after(cap):
                 raw = await tier.fetch(refs, background=background)
             if getattr(tier, "read_through", 0) != read_through:
                 self._prefetch_pays.set()  # the zone's cache had to read some through: it is cold
@@ -579,9 +660,10 @@ class ChunkChain:
             moved += sum(r.clen for r in want if r.digest in more)
             got.update(more)
         rest = [r for r in refs if r.digest not in got]
+        if rest and self.remote_tiers:  # the store only within the budget (and not around a zone just down)
+            got = await self._wait_for_store(refs, got, True, lambda g: all(r.digest in g for r in refs))
+            rest = [r for r in refs if r.digest not in got]
         if rest:
-            if self.remote_tiers:
-                self._prefetch_pays.set()  # the zone's cache lacks some of the image
             self._fetches += 1
             for attempt in range(2):
                 try:
@@ -605,13 +687,19 @@ class ChunkChain:
         tiers: list[TierStats] = [self.memory.stats()]
         if self.ssd is not None:
             tiers.append(self.ssd.stats())
-        tiers.extend(self._remote_counters[t.name].snapshot() for t in self.remote_tiers)
+        for t in self.remote_tiers:
+            snap = self._remote_counters[t.name].snapshot()
+            rejected = getattr(t, "corrupt", 0)  # chunks a verifying tier dropped itself
+            tiers.append(dataclasses.replace(snap, corrupt=snap.corrupt + rejected) if rejected else snap)
         tiers.append(self.blob.stats())
+        budget = self.store_budget
         return ChainStats(
             tiers=tuple(tiers), gets=self._gets, joined=self._joined, fetches=self._fetches,
             retries=self._retries, unavailable=self._unavailable, prefetched=self._prefetched,
             prefetch_failed=self._prefetch_failed, fill_pending=self._fill_bytes,
             fill_dropped=self._fill_dropped,
+            direct_reads=budget.taken if budget else 0,
+            direct_waits=(budget.waited if budget else 0) + self._background_held,
         )
 
 

@@ -4,8 +4,10 @@ Why not a framework: the server's hot path is "parse a small request, write a fr
 header, hand a file to the kernel" and the point is to keep Python out of the bytes.
 That needs the raw non-blocking socket (for ``os.sendfile`` and ``MSG_MORE``), which
 HTTP libraries hide. So this module does exactly what the server needs of HTTP/1.1
-and no more: request heads with ``Content-Length`` bodies (no chunked uploads),
-keep-alive, ``Expect: 100-continue``, and responses whose length is known up front.
+and no more: request heads with ``Content-Length`` bodies (no chunked uploads), read
+apart from their bodies so that credentials are checked before a body is read,
+keep-alive, ``Expect: 100-continue``, and responses whose length is known up front or
+that stream in chunks (:func:`chunked_head`).
 
 Frame headers go out with ``MSG_MORE`` so that the kernel merges them with the file
 bytes that follow. (``TCP_CORK`` around a whole response was tried and measured
@@ -30,7 +32,7 @@ RECV_SIZE = 64 * 1024
 SEND_SLICE = 4 << 20
 
 REASONS = {
-    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
     413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -58,6 +60,7 @@ class Request:
     headers: dict[str, str]  # lower-case names
     body: bytes
     keep_alive: bool
+    length: int = 0  # the body's declared size (Content-Length)
 
 
 class Connection:
@@ -89,6 +92,14 @@ class Connection:
     async def read_request(self, max_body: int) -> Request:
         """The next request, head and body. :class:`HTTPError` for a malformed one,
         :class:`PeerClosed` if the client leaves half way."""
+        req = await self.read_head(max_body)
+        await self.read_body(req)
+        return req
+
+    async def read_head(self, max_body: int) -> Request:
+        """The next request's head (``body`` empty, ``length`` the body's declared size,
+        already checked against ``max_body``): the caller decides, e.g. after checking
+        credentials, whether the body is worth reading (:meth:`read_body`)."""
         start = 0
         while True:
             end = self._buf.find(b"\r\n\r\n", start)
@@ -109,14 +120,37 @@ class Connection:
             raise HTTPError(413, f"request body of {length} bytes exceeds {max_body}")
         conn = headers.get("connection", "").lower()
         keep = ("close" not in conn) if version == "HTTP/1.1" else ("keep-alive" in conn)
-        if length and headers.get("expect", "").lower() == "100-continue":
+        return Request(method, target, version, headers, b"", keep, length)
+
+    async def read_body(self, req: Request) -> None:
+        """Read ``req``'s body into ``req.body`` (answering ``Expect: 100-continue``)."""
+        length = req.length
+        if not length:
+            return
+        if req.headers.get("expect", "").lower() == "100-continue" and len(self._buf) < length:
             await self.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         while len(self._buf) < length:
             if not await self._fill():
                 raise PeerClosed("connection closed inside a request body")
-        body = bytes(self._buf[:length])
+        req.body = bytes(self._buf[:length])
         del self._buf[:length]
-        return Request(method, target, version, headers, body, keep)
+
+    async def discard_body(self, req: Request) -> None:
+        """Read ``req``'s body and throw it away as it comes, holding at most one receive
+        buffer: how a body that will not be served (no credentials) is skipped without
+        costing memory, leaving the connection usable for the next request."""
+        n = req.length
+        drop = min(len(self._buf), n)
+        del self._buf[:drop]
+        n -= drop
+        while n > 0:
+            try:
+                data = await self.sock.recv(min(RECV_SIZE, n))
+            except (ConnectionError, OSError):
+                data = b""
+            if not data:
+                raise PeerClosed("connection closed inside a request body")
+            n -= len(data)
 
     # ---- writing -----------------------------------------------------------------
 
@@ -160,6 +194,16 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def chunked_head(status: int, *, keep_alive: bool, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """The head of a response whose body follows in HTTP/1.1 chunks (a stream whose
+    length is not known when it starts)."""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", "Transfer-Encoding: chunked"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def response_head(status: int, length: int, *, keep_alive: bool,

@@ -49,13 +49,27 @@ class ServerMetrics:
     blob_fetches: int = 0  # ranged blob-store reads started
     unauthorized: int = 0
     bad_requests: int = 0
+    demand_requests: int = 0  # batch requests of the demand class
+    background_requests: int = 0  # ... and of the background class (prefetch, profile replay)
+    promoted: int = 0  # background reads a demand request joined (now demand work)
+    heartbeats: int = 0  # progress frames sent while waiting for the blob store
+    remembered_failures: int = 0  # chunks answered from the failure memory (no store read)
+    refused_refs: int = 0  # refs not read through: not what their pack holds
+    read_ahead: int = 0  # chunks a background read-through brought beyond what was asked
+    toc_loads: int = 0  # packs whose table of contents (or size) was loaded
+    speculative_reads: int = 0  # ranged reads that ran while their pack's table loaded
+    blob_requests: int = 0  # content-addressed blobs (image indexes) asked for
+    corrupt_reports: int = 0  # digests clients said did not verify
+    reverified_on_report: int = 0  # ... of which a verified file will be checked again
+    refused_connections: int = 0  # over the per-client connection limit
+    idle_closed: int = 0  # idle keep-alive connections closed by the server
     in_flight: int = 0  # chunk requests being answered now
     blob_in_flight: int = 0
     connections: int = 0
     latency: Histogram = field(default_factory=Histogram)
 
     def render(self, *, evictions: int, blob_errors: int, corrupt: int, cache_bytes: int,
-               cache_entries: int, cache_max_bytes: int) -> str:
+               cache_entries: int, cache_max_bytes: int, blob_waiting: dict[str, int] | None = None) -> str:
         out: list[str] = []
         counter = lambda n, h, v: _family(out, n, "counter", h, [("", v)])  # noqa: E731
         gauge = lambda n, h, v: _family(out, n, "gauge", h, [("", v)])  # noqa: E731
@@ -77,8 +91,28 @@ class ServerMetrics:
         counter("unauthorized_total", "Requests refused for a missing or wrong secret.",
                 self.unauthorized)
         counter("bad_requests_total", "Malformed requests.", self.bad_requests)
+        _family(out, "class_requests_total", "counter", "Batch requests by class.",
+                [('{class="demand"}', self.demand_requests), ('{class="background"}', self.background_requests)])
+        counter("promoted_total", "Background blob reads a demand request joined.", self.promoted)
+        counter("heartbeats_total", "Progress frames sent while waiting for the blob store.", self.heartbeats)
+        counter("remembered_failures_total", "Chunks answered from the failure memory, without a store read.",
+                self.remembered_failures)
+        counter("refused_refs_total", "Refs not read through: not what their pack holds.", self.refused_refs)
+        counter("read_ahead_total", "Chunks background read-throughs brought beyond what was asked.",
+                self.read_ahead)
+        counter("toc_loads_total", "Packs whose table of contents (or size) was loaded.", self.toc_loads)
+        counter("speculative_reads_total", "Ranged reads run while their pack's table of contents loaded.",
+                self.speculative_reads)
+        counter("blob_requests_total", "Image indexes asked for (content-addressed blobs).", self.blob_requests)
+        counter("corrupt_reports_total", "Chunks clients reported as not verifying.", self.corrupt_reports)
+        counter("refused_connections_total", "Connections refused over the per-client limit.",
+                self.refused_connections)
+        counter("idle_closed_total", "Idle keep-alive connections closed by the server.", self.idle_closed)
         gauge("in_flight_requests", "Chunk requests being answered.", self.in_flight)
         gauge("blob_fetches_in_flight", "Blob-store reads in progress.", self.blob_in_flight)
+        waiting = blob_waiting or {}
+        _family(out, "blob_fetches_waiting", "gauge", "Blob-store reads waiting for a slot, by class.",
+                [(f'{{class="{k}"}}', v) for k, v in sorted(waiting.items())])
         gauge("open_connections", "Client connections open.", self.connections)
         gauge("cache_bytes", "Bytes held in the disk cache.", cache_bytes)
         gauge("cache_entries", "Chunks held in the disk cache.", cache_entries)

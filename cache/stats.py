@@ -137,7 +137,11 @@ class ChainStats:
     ``retries`` blob-store retries, ``unavailable`` gets that failed on every tier,
     ``prefetched``/``prefetch_failed`` chunks brought in (or not) ahead of demand,
     ``fill_pending``/``fill_dropped`` SSD write-behind bytes queued now / chunks not
-    written because the queue was full.
+    written because the queue was full; with remote tiers (a zone cache),
+    ``direct_reads`` blob-store reads this host made itself because the remote tiers
+    lacked a chunk (down, broken, or the chunk missing), within the store budget, and
+    ``direct_waits`` times a read had to wait for that budget (or, a background read,
+    for a zone that had just gone down to come back).
     """
 
     tiers: tuple[TierStats, ...]
@@ -150,6 +154,8 @@ class ChainStats:
     prefetch_failed: int = 0
     fill_pending: int = 0
     fill_dropped: int = 0
+    direct_reads: int = 0
+    direct_waits: int = 0
 
     def tier(self, name: str) -> TierStats:
         for t in self.tiers:
@@ -160,6 +166,6 @@ class ChainStats:
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"tiers": {t.name: t.as_dict() for t in self.tiers}}
         for k in ("gets", "joined", "fetches", "retries", "unavailable", "prefetched",
-                  "prefetch_failed", "fill_pending", "fill_dropped"):
+                  "prefetch_failed", "fill_pending", "fill_dropped", "direct_reads", "direct_waits"):
             d[k] = getattr(self, k)
         return d

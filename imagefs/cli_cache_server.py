@@ -57,7 +57,20 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--dir", metavar="DIR", required=True, help="disk-cache directory")
     p.add_argument("--max-size", metavar="SIZE", required=True, help="disk-cache bound, e.g. 512M or 10G (chunks are kept compressed, as the packs store them)")
     p.add_argument("--secret-file", metavar="FILE",
-                   help=f"require 'Authorization: Bearer <secret>' (default: ${SECRET_ENV} if set)")
+                   help=f"require 'Authorization: Bearer <secret>' (default: ${SECRET_ENV} if set); "
+                   "needed to listen on an address other than loopback, unless --insecure")
+    p.add_argument("--insecure", action="store_true",
+                   help="listen on a non-loopback address without a secret: anyone who can reach the "
+                   "port can read cached chunks and make the server read from the store")
+    p.add_argument("--store-concurrency", type=int, default=16, metavar="N",
+                   help="ranged reads from the store at once, for all clients (default 16); background "
+                   "requests (prefetch, profile replay) may hold at most three quarters of them, so demand "
+                   "reads never wait for a background read")
+    p.add_argument("--max-connections", type=int, default=4096, metavar="N",
+                   help="connections at once, all clients (default 4096); past three quarters of it, idle "
+                   "keep-alive connections are closed after 2 s instead of 120 s")
+    p.add_argument("--max-client-connections", type=int, default=256, metavar="N",
+                   help="connections one client address may hold at once (default 256)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="how long requests in progress may finish at shutdown (default 10)")
     p.set_defaults(func=cmd_cache_server)
@@ -78,11 +91,19 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-size {args.max_size!r}: must be more than 0")
     if args.grace < 0:
         raise CLIError("--grace must be >= 0")
+    if args.store_concurrency < 1:
+        raise CLIError("--store-concurrency must be >= 1")
+    if args.max_client_connections < 1 or args.max_connections < 1:
+        raise CLIError("--max-connections and --max-client-connections must be >= 1")
     secret = read_secret(args.secret_file)
 
     import trio
 
-    from cache.server import CacheServer, ServerOptions, raise_fd_limit, run_server
+    from cache.server import CacheServer, ServerOptions, is_loopback, raise_fd_limit, run_server
+
+    if secret is None and not args.insecure and not is_loopback(host):
+        raise CLIError(f"--listen {args.listen}: a server reachable from other machines needs a shared secret "
+                       f"(--secret-file FILE or ${SECRET_ENV}); pass --insecure to run it open")
     from cache.ssd import FormMismatch, SSDTier
     from cache.stores import open_store
 
@@ -95,12 +116,18 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CLIError(f"--dir {args.dir}: {e.strerror or e}") from None
     raise_fd_limit()
-    server = CacheServer(store, ssd, ServerOptions(secret=secret, grace=args.grace))
+    n = args.store_concurrency
+    server = CacheServer(store, ssd, ServerOptions(secret=secret, grace=args.grace, blob_concurrency=n,
+                                                   blob_background=max(1, n * 3 // 4),
+                                                   max_connections=args.max_connections,
+                                                   max_client_connections=args.max_client_connections))
 
     def ready(h: str, p: int) -> None:
         print(f"imagefs cache-server: listening on http://{format_address(h, p)}", flush=True)
-        log.info("store %s, cache %s (max %d bytes)%s", store.url, ssd.directory, max_bytes,
-                 ", secret required" if secret else "")
+        log.info("store %s, cache %s (max %d bytes), %d store reads at once%s", store.url, ssd.directory,
+                 max_bytes, n, ", secret required" if secret else "")
+        if secret is None and not is_loopback(h):
+            log.warning("listening on %s without a secret (--insecure)", format_address(h, p))
 
     try:
         trio.run(functools.partial(run_server, server, host, port, on_ready=ready))

@@ -37,6 +37,10 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    "page fault in a mapped file; default: see imagefs/readahead.py)")
     g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
                    help="a cache server in this zone (repeatable)")
+    g.add_argument("--store-budget", metavar="N[,RATE]", type=_budget_arg, default=None,
+                   help="with --az-cache: blob-store reads this host may make itself when the zone's "
+                   "servers are down or lack a chunk: a burst of N, then RATE a second (default 64,16); "
+                   "background reads leave half the burst to reads a process waits for")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="do not fetch the rest of the image in the background; by default the image's chunks "
                    "are brought to the SSD cache in layout order, after what readers ask for (with a startup "
@@ -63,13 +67,24 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    "with file-backed EROFS), else fuse, saying why in the mount's log (default: auto)")
 
 
+def _budget_arg(text: str) -> str:
+    from cache.storebudget import parse_budget
+
+    try:
+        parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
     from imagefs.mount import MountOptions
 
     opts = MountOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,
                         az_cache=list(args.az_cache or []), prefetch=args.prefetch, replay=args.replay,
                         record=args.record, record_quiet_s=args.record_quiet, record_max_s=args.record_max,
-                        record_merge=args.record_merge, read_ahead_kb=args.read_ahead, fs=args.fs)
+                        record_merge=args.record_merge, read_ahead_kb=args.read_ahead, fs=args.fs,
+                        store_budget=getattr(args, "store_budget", None))
     if opts.record_quiet_s <= 0 or opts.record_max_s <= 0:
         from imagefs.cli import CLIError
 

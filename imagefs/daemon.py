@@ -52,6 +52,15 @@ def _open_image(image: str, opts: MountOptions) -> tuple[Any, Any]:
 
     try:
         store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
+        if opts.az_cache:  # the index through the zone's servers: read from the store once per zone
+            from cache.azclient import parse_servers
+            from cache.zoneblobs import ZoneBlobStore
+
+            try:
+                servers = parse_servers(",".join(opts.az_cache))
+            except ValueError as e:
+                raise MountError(f"--az-cache {','.join(opts.az_cache)}: {e}") from e
+            store = ZoneBlobStore(store, servers, secret=os.environ.get(CACHE_SECRET_ENV))
         return store, load_index(store, image, opts.index_cache_dir())
     except (BlobStoreError, StoreURLError, ImageNotFound, InvalidImageName, IndexFormatError) as e:
         raise MountError(f"cannot mount {image}: {e}") from e
@@ -74,16 +83,21 @@ def _open_reader(store: Any, opts: MountOptions) -> tuple[Any, Any]:
         except Exception as e:  # OSError, lmdb.Error: either way the cache is unusable
             raise MountError(f"cache directory {directory}: cannot open the SSD cache: {e}") from e
     remote: list[Any] = []
+    budget = None
     if opts.az_cache:
         from cache.azclient import AZCacheTier
+        from cache.storebudget import StoreBudget, parse_budget
 
         try:
             remote.append(AZCacheTier(list(opts.az_cache), secret=os.environ.get(CACHE_SECRET_ENV)))
+            if opts.store_budget:
+                budget = StoreBudget(*parse_budget(opts.store_budget))
         except ValueError as e:
             if ssd is not None:
                 ssd.close()
             raise MountError(f"--az-cache {','.join(opts.az_cache)}: {e}") from e
-    return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size), remote_tiers=remote), ssd
+    return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size), remote_tiers=remote,
+                      store_budget=budget), ssd
 
 
 def fault_hook_from_env() -> Callable[[str], None] | None:

@@ -11,7 +11,6 @@ that is how a chunk is never stored twice, across images and across interrupted 
 from __future__ import annotations
 
 import os
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -21,32 +20,19 @@ import blake3
 from cache.blobstore import BlobNotFound, BlobStore
 from cache.chunk import digest_of
 from cache.private import open_private, private_dir
+from cache.packtoc import TOC_PREFIX, decode_toc_entries, encode_toc, toc_key
 from indexer.chunker import ChunkSpill
 from indexer.format import ChunkLocation
 from indexer.index import pack_key
 
-TOC_PREFIX = "packtoc/"
-TOC_RECORD = struct.Struct("<32sQII")  # digest, offset, clen, ulen
 TARGET_PACK_SIZE = 32 << 20
 UPLOAD_WORKERS = 4
 HASH_WORKERS = 2  # joining and hashing packs is CPU work: one per core here
 
 
-def toc_key(pack_digest: bytes) -> str:
-    return TOC_PREFIX + pack_digest.hex()
-
-
-def encode_toc(entries: Iterable[tuple[bytes, int, int, int]]) -> bytes:
-    return b"".join(TOC_RECORD.pack(*e) for e in entries)
-
-
 def decode_toc(pack_digest: bytes, blob: bytes) -> dict[bytes, ChunkLocation]:
-    if len(blob) % TOC_RECORD.size:
-        raise ValueError(f"{toc_key(pack_digest)}: truncated table of contents")
-    out = {}
-    for digest, offset, clen, ulen in TOC_RECORD.iter_unpack(blob):
-        out[digest] = ChunkLocation(pack_digest, offset, clen, ulen)
-    return out
+    entries = decode_toc_entries(toc_key(pack_digest), blob)
+    return {d: ChunkLocation(pack_digest, offset, clen, ulen) for d, (offset, clen, ulen) in entries.items()}
 
 
 def _toc_cache_dir() -> str:

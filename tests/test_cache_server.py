@@ -94,29 +94,38 @@ def test_single_and_batch_requests_read_through_then_hit(tmp_path: Path,
     assert m["imagefs_cache_server_misses_total"] == 1 and m["imagefs_cache_server_hits_total"] == 1
     assert m["imagefs_cache_server_sendfile_bytes_total"] == len(stored[0])  # the hit never entered Python
 
-    # Five cold chunks back to back in the pack: one ranged read for all of them.
+    # Five cold chunks back to back in the pack: one ranged read for all of them, which
+    # also brings the two that follow (read-ahead, now that the pack's table is known:
+    # the first read of a pack ran while it loaded, and brought its chunk alone).
     frames = batch(srv, refs[1:6], conn)
     # Each says it was read through from the blob store (the zone's cache was cold for it).
     assert [(d, st, b) for d, st, b in frames] == [(r.digest, ST_READ_THROUGH, c)
                                                    for r, c in zip(refs[1:6], stored[1:6])]
     assert srv.metric("blob_fetches_total") == 2
+    assert srv.metric("read_ahead_total") == 2
 
     # Hits, a miss, a ref whose digest lies, a pack that does not exist, a duplicate: in order.
     liar = ChunkRef(digest_of(b"something else"), refs[6].pack, refs[6].offset, refs[6].clen, refs[6].ulen)
     ghost = ChunkRef(digest_of(b"ghost"), "packs/" + "0" * 64, 0, refs[7].clen, refs[7].ulen)
     asked = [refs[2], refs[7], liar, ghost, refs[2]]
+    fetches = srv.metric("blob_fetches_total")
     frames = batch(srv, asked, conn)
-    assert [(d, st) for d, st, _ in frames] == [(refs[2].digest, ST_OK), (refs[7].digest, ST_READ_THROUGH),
-                                               (liar.digest, ST_CORRUPT), (ghost.digest, ST_NOT_FOUND),
+    # The liar is not in the pack's table of contents (known by now): no read. The ghost's
+    # pack is new to the server: one ranged GET (404, no bytes) alongside the look-up of
+    # its table of contents, never more.
+    assert [(d, st) for d, st, _ in frames] == [(refs[2].digest, ST_OK), (refs[7].digest, ST_OK),
+                                               (liar.digest, ST_NOT_FOUND), (ghost.digest, ST_NOT_FOUND),
                                                (refs[2].digest, ST_OK)]
     assert frames[0][2] == frames[4][2] == stored[2] and frames[1][2] == stored[7]
     assert frames[2][2] == b"" and frames[3][2] == b""
+    assert srv.metric("blob_fetches_total") == fetches + 1  # the ghost's one look
 
-    conn.request("GET", chunk_query(liar))
+    conn.request("GET", chunk_query(liar))  # remembered: answered without a look at the store
     resp = conn.getresponse()
-    assert resp.status == 502 and resp.read()
+    assert resp.status == 404 and resp.read()
     m = srv.metrics()
-    assert m["imagefs_cache_server_corrupt_total"] >= 1
+    assert m["imagefs_cache_server_refused_refs_total"] == 2
+    assert m["imagefs_cache_server_remembered_failures_total"] == 1
     assert m["imagefs_cache_server_failed_total"] == 3
     conn.close()
 
@@ -183,17 +192,20 @@ def test_64_concurrent_requests_for_a_cold_chunk_make_one_blob_get(
         for t in threads:
             t.join(30)
         assert results == [stored[0]] * 64
-        assert proxy.requests == 1, "single flight: one blob GET for 64 concurrent requests"
+        # Single flight: one ranged GET for 64 concurrent requests, and one GET of the
+        # pack's table of contents (made at the same time, to check the ref).
+        assert proxy.requests == 2
         m = srv.metrics()
         assert m["imagefs_cache_server_misses_total"] == 64
         assert m["imagefs_cache_server_joined_total"] == 63
         assert m["imagefs_cache_server_blob_fetches_total"] == 1
+        assert m["imagefs_cache_server_toc_loads_total"] == 1
 
         # Misses of one batch that are contiguous in the pack: one ranged GET.
         proxy.delay(0)
         frames = batch(srv, refs[1:9])
         assert [b for _, _, b in frames] == stored[1:9]
-        assert proxy.requests == 2
+        assert proxy.requests == 3
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(
@@ -270,14 +282,16 @@ def test_eviction_keeps_the_disk_cache_under_max_size(tmp_path: Path,
         assert [b for _, _, b in batch(srv, refs[i:i + 4])] == stored[i:i + 4]
         # Fills are written behind the response, and a fill installs then evicts in one
         # transaction: the bound holds once each fill has landed.
-        wait_for(lambda: srv.metric("misses_total") == srv.metric("cache_entries") + srv.metric("evictions_total"))
+        wait_for(lambda: srv.metric("misses_total") + srv.metric("read_ahead_total")
+                 == srv.metric("cache_entries") + srv.metric("evictions_total"))
         assert cache_file_bytes(srv.directory) <= 1 << 20
     m = srv.metrics()
     assert m["imagefs_cache_server_evictions_total"] >= 30
     assert m["imagefs_cache_server_cache_bytes"] <= 1 << 20
     # Evicted chunks are read through again, not lost.
     assert [b for _, _, b in batch(srv, refs[:4])] == stored[:4]
-    wait_for(lambda: srv.metric("misses_total") == srv.metric("cache_entries") + srv.metric("evictions_total"))
+    wait_for(lambda: srv.metric("misses_total") + srv.metric("read_ahead_total")
+             == srv.metric("cache_entries") + srv.metric("evictions_total"))
     assert cache_file_bytes(srv.directory) <= 1 << 20
 
 
@@ -325,7 +339,7 @@ def test_metrics_are_prometheus_text(tmp_path: Path, cache_servers: list[CacheSe
 
 def test_holds_hundreds_of_connections(tmp_path: Path, cache_servers: list[CacheServerProcess]) -> None:
     store, stored, refs = local_pack(tmp_path, 1, 20_000)
-    srv = start_cache_server(tmp_path, store.root)
+    srv = start_cache_server(tmp_path, store.root, extra=["--max-client-connections", "1000"])  # all from 127.0.0.1
     cache_servers.append(srv)
     batch(srv, refs)  # warm
     socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=20) for _ in range(300)]

@@ -8,8 +8,8 @@ killed mid-read) only exist between real processes on real sockets.
 ``127.0.0.1:0`` (or a given port), reads the bound port from its first stdout line,
 waits for ``GET /health`` and returns a handle; the ``cache_servers`` fixture is a
 factory whose servers are killed at teardown whatever happened. :class:`FlipProxy`
-stands in front of a server and flips the last byte of every response body: the one
-fault (a server returning wrong bytes) that cannot be produced for real on demand.
+stands in front of a server and flips the last byte of every response body (of the
+last chunk of a chunked one): the one fault (a server returning wrong bytes) that cannot be produced for real on demand.
 """
 
 from __future__ import annotations
@@ -325,6 +325,10 @@ class FlipProxy:
                     buf += data
                 end = buf.index(b"\r\n\r\n") + 4
                 head = bytes(buf[:end])
+                if re.search(rb"(?i)transfer-encoding:\s*chunked", head):
+                    if not self._flip_chunked(src, dst, buf, end):
+                        return
+                    continue
                 m = re.search(rb"(?i)content-length:\s*(\d+)", head)
                 length = int(m.group(1)) if m else 0
                 while len(buf) < end + length:
@@ -345,3 +349,35 @@ class FlipProxy:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    def _flip_chunked(self, src: socket.socket, dst: socket.socket, buf: bytearray, end: int) -> bool:
+        """Relay a chunked response whose head ends at ``end`` in ``buf``, with the last
+        byte of its last non-empty chunk flipped (the last chunk's last frame's data: a
+        v3 stream's last chunk). False if the upstream closed early."""
+        pos = end
+        last: tuple[int, int] | None = None  # (offset in buf, size) of the last non-empty chunk
+        while True:
+            while b"\r\n" not in buf[pos:]:
+                data = src.recv(65536)
+                if not data:
+                    return False
+                buf += data
+            eol = buf.index(b"\r\n", pos)
+            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+            need = eol + 2 + size + 2
+            while len(buf) < need:
+                data = src.recv(65536)
+                if not data:
+                    return False
+                buf += data
+            if size == 0:
+                break
+            last = (eol + 2, size)
+            pos = need
+        if last is not None:
+            buf[last[0] + last[1] - 1] ^= 0xFF
+            with self._lock:
+                self.flipped += 1
+        dst.sendall(bytes(buf[:need]))
+        del buf[:need]
+        return True

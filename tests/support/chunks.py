@@ -16,6 +16,7 @@ import time
 from cache.blobstore import BlobStore
 from cache.chunk import ChunkRef, compress, digest_of
 from cache.localstore import LocalStore
+from cache.packtoc import encode_toc, toc_key
 
 
 def random_chunks(n: int, size: int, *, seed: int = 0, compressible: bool = True) -> list[bytes]:
@@ -36,17 +37,21 @@ def random_chunks(n: int, size: int, *, seed: int = 0, compressible: bool = True
     return out
 
 
-def write_pack(store: BlobStore, chunks: list[bytes]) -> list[ChunkRef]:
-    """Store ``chunks`` as one pack ``packs/<blake3 of the pack>``; their refs, in pack order."""
+def write_pack(store: BlobStore, chunks: list[bytes], *, toc: bool = True) -> list[ChunkRef]:
+    """Store ``chunks`` as one pack ``packs/<blake3 of the pack>`` and, as the indexer
+    does (unless ``toc`` is false), its table of contents; their refs, in pack order."""
     parts = [compress(c) for c in chunks]
     pack = b"".join(parts)
-    key = f"packs/{digest_of(pack).hex()}"
+    pack_digest = digest_of(pack)
+    key = f"packs/{pack_digest.hex()}"
     store.put(key, pack)
     refs = []
     offset = 0
     for c, p in zip(chunks, parts):
         refs.append(ChunkRef(digest_of(c), key, offset, len(p), len(c)))
         offset += len(p)
+    if toc:
+        store.put(toc_key(pack_digest), encode_toc((r.digest, r.offset, r.clen, r.ulen) for r in refs))
     return refs
 
 

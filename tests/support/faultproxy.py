@@ -24,7 +24,8 @@ closes new connections at once, ``stall_next`` holds a new connection's first re
 bytes, and ``fail_next`` does not apply (it waits for the next HTTP request).
 
 Counters (``stats()``, or the ``requests``/``connections``/... properties) let a test
-assert that faults were really injected and retried.
+assert that faults were really injected and retried, and count what a server sent
+(``gets``, ``bytes_down``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class ProxyStats:
     stalled: int = 0
     cut: int = 0
     forwarded: int = 0
+    gets: int = 0  # GET requests forwarded (object and ranged reads, for an S3 server)
+    bytes_down: int = 0  # response bytes (heads and bodies) relayed to clients
 
 
 class _Reader:
@@ -300,9 +303,9 @@ class FaultProxy:
     def cut(self) -> int:
         return self.stats().cut
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
-            self._stats[name] += 1
+            self._stats[name] += n
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -442,6 +445,12 @@ class FaultProxy:
         upstream.sendall(_build_head(first, headers))
         _copy_body(reader, headers, upstream.sendall)
         self._count("forwarded")
+        if method == "GET":
+            self._count("gets")
+
+        def down(data: bytes) -> None:
+            client.sendall(data)
+            self._count("bytes_down", len(data))
 
         up_reader = _Reader(upstream)
         while True:
@@ -459,18 +468,18 @@ class FaultProxy:
                 raise _Closed("stopping")
         if not self._sleep(delay):
             raise _Closed("stopping")
-        client.sendall(rhead)
+        down(rhead)
         te = (_header(rheaders, "transfer-encoding") or "").lower()
         length = _header(rheaders, "content-length")
         keep = (_header(rheaders, "connection") or "").lower() != "close"
         if method == "HEAD" or status in (204, 304):
             pass
         elif "chunked" in te:
-            up_reader.copy_chunked(client.sendall)
+            up_reader.copy_chunked(down)
         elif length is not None:
-            up_reader.copy(int(length), client.sendall)
+            up_reader.copy(int(length), down)
         else:
-            up_reader.copy_to_eof(client.sendall)
+            up_reader.copy_to_eof(down)
             keep = False
         if up_reader.buf:  # a server must not send ahead of a request: start afresh
             keep = False

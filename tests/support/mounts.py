@@ -24,6 +24,7 @@ import trio
 
 from cache.blobstore import BlobStore
 from cache.chunk import ChunkRef, compress, digest_of, open_chunk
+from cache.packtoc import encode_toc, toc_key
 from indexer import catalog
 from indexer.format import ChunkLocation, encode, seal
 from indexer.index import Index
@@ -125,6 +126,7 @@ class ImageBuilder:
                 return
             pdigest = digest_of(bytes(pack))
             store.put("packs/" + pdigest.hex(), bytes(pack))
+            store.put(toc_key(pdigest), encode_toc(pending))  # after the pack, as the indexer does
             for d, off, clen, ulen in pending:
                 locations[d] = ChunkLocation(pdigest, off, clen, ulen)
             pack.clear()
