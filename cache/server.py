@@ -118,7 +118,7 @@ from cache.server_wire import (BACKGROUND, BATCH_CONTENT_TYPE, BATCH_PATH, CHUNK
                                STREAM_CONTENT_TYPE, STREAM_PATH, BatchTooLarge, WireError, decode_refs,
                                parse_chunk_query)
 from cache.ssd import SSDTier
-from cache.zoneblobs import BLOB_PATH, BlobCache, blob_digest
+from cache.zoneblobs import BLOB_PATH, BlobCache, ShortLived, blob_digest, short_lived_owner_key
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,7 @@ class CacheServer:
         self._blobs = BlobCache(os.path.join(ssd.directory, "blobs"), store)
         self._blob_flights: dict[str, _Flight] = {}
         self._blob_failures: OrderedDict[str, float] = OrderedDict()  # key -> until [monotonic]
+        self._short = ShortLived()  # startup profiles, for a few seconds (cache.zoneblobs)
         self._blob_slots = ClassLimiter(options.blob_concurrency, options.blob_background)
         self._blob_threads = trio.CapacityLimiter(options.blob_concurrency + TOC_LOADS)
         self._toc_limiter = trio.CapacityLimiter(TOC_LOADS)
@@ -626,6 +627,9 @@ class CacheServer:
     async def _blob(self, conn: Connection, req: Request) -> None:
         """A content-addressed blob (an image index), read through once for the zone."""
         key = urllib.parse.unquote(req.target[len(BLOB_PATH):].partition("?")[0])
+        if short_lived_owner_key(key) is not None:
+            await self._short_lived(conn, req, key)
+            return
         if blob_digest(key) is None:
             self.metrics.bad_requests += 1
             await conn.send_response(400, b"not a content-addressed key (indexes/<64 hex>)\n",
@@ -655,6 +659,52 @@ class CacheServer:
                              headers=[("Content-Type", "application/octet-stream")], more=True)
         await conn.send_all(data)
         self.metrics.bytes_served += len(data)
+
+    async def _short_lived(self, conn: Connection, req: Request, key: str) -> None:
+        """A startup profile: the store's copy of a few seconds ago (cache.zoneblobs)."""
+        self.metrics.blob_requests += 1
+        found, data = self._short.get(key, time.monotonic())
+        status = ST_OK if data is not None else ST_NOT_FOUND
+        if not found:
+            flight = self._blob_flights.get(key)
+            if flight is None:
+                flight = self._blob_flights[key] = _Flight(key.encode(), True)
+                assert self._bg is not None
+                self._bg.start_soon(self._load_short_lived, key, flight)
+            with trio.move_on_after(self.opts.read_through_timeout):
+                await flight.done.wait()
+            data, status = flight.data, flight.status
+        if data is None:
+            await conn.send_response(HTTP_STATUS[status], f"{STATUS_NAMES[status]}\n".encode(),
+                                     keep_alive=self._keep(req))
+            return
+        await conn.send_head(200, len(data), keep_alive=self._keep(req),
+                             headers=[("Content-Type", "application/octet-stream")], more=True)
+        await conn.send_all(data)
+        self.metrics.bytes_served += len(data)
+
+    async def _load_short_lived(self, key: str, flight: _Flight) -> None:
+        """(server nursery) Read a short-lived key through from the store, once per TTL."""
+        data: bytes | None = None
+        status = ST_UNAVAILABLE
+        try:
+            async with self._blob_slots.slot(Ticket(True)):
+                self.metrics.blob_fetches += 1
+                data = await trio.to_thread.run_sync(self._blobs.store.get, key, limiter=self._blob_threads,
+                                                     abandon_on_cancel=True)
+            self._short.keep(key, data, time.monotonic())
+            status = ST_OK
+        except BlobNotFound:
+            status = ST_NOT_FOUND
+            self._short.keep(key, None, time.monotonic())
+        except (BlobStoreError, OSError) as e:
+            log.warning("blob store read of %s failed: %s", key, e)
+        except Exception:
+            log.exception("blob store read of %s failed", key)
+        finally:
+            flight.settle(data, status)
+            if self._blob_flights.get(key) is flight:
+                del self._blob_flights[key]
 
     async def _load_blob(self, key: str, flight: _Flight) -> None:
         """(server nursery) A blob from this server's disk, else from the store."""

@@ -16,6 +16,15 @@ verified, kept on its disk; and a host trusts nothing it did not verify itself.
   content-addressed keys and falls back to the store it wraps for anything else, or
   when no server answers with the right bytes. Synchronous: a mount reads its index
   before its event loop starts.
+
+Startup profiles (``profiles/<index hex>``) come through the zone too, for the same
+reason (one GET per host per burst otherwise), but they are not named by their bytes and
+they change (a new recording): a server keeps one for ``SHORT_LIVED_TTL`` seconds only,
+in memory (an absent one too, so a burst asking for a profile an image lacks costs the
+store one GET), and does not verify it. The host does: a profile carries its own
+checksum and names its index (indexer.profile), and a host whose zone copy fails that
+asks the store (imagefs.profile_cache). A wrong server can cost a host its replay,
+never a wrong byte.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, Iterator
 
-from cache.blobstore import BlobStore
+from cache.blobstore import BlobNotFound, BlobStore
 from cache.chunk import digest_of
 from cache.rendezvous import Rendezvous
 from cache.server_wire import parse_address
@@ -37,6 +46,9 @@ log = logging.getLogger(__name__)
 
 BLOB_PATH = "/v3/blob/"
 CONTENT_ADDRESSED = re.compile(r"^indexes/([0-9a-f]{64})$")  # keys named by the blake3 of their bytes
+SHORT_LIVED = re.compile(r"^profiles/([0-9a-f]{64})$")  # mutable, self-verifying (startup profiles)
+SHORT_LIVED_TTL = 10.0  # seconds a server answers a short-lived key from memory
+MAX_SHORT_LIVED = 64 << 20
 MAX_BLOB = 256 << 20
 DISK_CAP = 4096  # blob files a server keeps (oldest dropped first)
 MEMORY_CAP = 256 << 20  # bytes of verified blobs a server keeps in memory
@@ -48,6 +60,34 @@ def blob_digest(key: str) -> bytes | None:
     """The digest a content-addressed ``key`` names, or None for any other key."""
     m = CONTENT_ADDRESSED.match(key)
     return bytes.fromhex(m.group(1)) if m else None
+
+
+def short_lived_owner_key(key: str) -> bytes | None:
+    """For a short-lived key (a startup profile), the 32 bytes that pick its server."""
+    m = SHORT_LIVED.match(key)
+    return bytes.fromhex(m.group(1)) if m else None
+
+
+class ShortLived:
+    """(trio thread) A server's short-lived blobs: key -> (until, bytes or None for absent)."""
+
+    def __init__(self, ttl: float = SHORT_LIVED_TTL, cap: int = 1024) -> None:
+        self.ttl = ttl
+        self.cap = cap
+        self._items: OrderedDict[str, tuple[float, bytes | None]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> tuple[bool, bytes | None]:
+        """(found, data): found with None data means the store lacks it."""
+        item = self._items.get(key)
+        if item is None or item[0] < now:
+            return False, None
+        return True, item[1]
+
+    def keep(self, key: str, data: bytes | None, now: float) -> None:
+        self._items[key] = (now + self.ttl, data)
+        self._items.move_to_end(key)
+        while len(self._items) > self.cap:
+            self._items.popitem(last=False)
 
 
 class BlobCache:
@@ -162,6 +202,17 @@ class ZoneBlobStore:
         self.zone_hits = self.zone_misses = 0
 
     def get(self, key: str) -> bytes:
+        owner = short_lived_owner_key(key)
+        if owner is not None:  # a startup profile: the owner's copy, unverified (the caller verifies)
+            for server in self._ring.rank(owner)[:1]:
+                found, data = self._ask_short(server, key)
+                if found:
+                    self.zone_hits += 1
+                    if data is None:
+                        raise BlobNotFound(f"{key}: not in the store (said the zone's server {server})")
+                    return data
+            self.zone_misses += 1
+            return self.inner.get(key)
         want = blob_digest(key)
         if want is not None:
             for server in self._ring.rank(want)[:2]:  # the owner, then one hedge
@@ -173,6 +224,27 @@ class ZoneBlobStore:
                     log.warning("az cache %s: %s did not verify; asking the store", server, key)
             self.zone_misses += 1
         return self.inner.get(key)
+
+    def _ask_short(self, server: str, key: str) -> tuple[bool, bytes | None]:
+        """(answered, data): the server's answer for a short-lived key; data None when it
+        says the store lacks it. Not answered when it fails."""
+        host, port = parse_address(server)
+        headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+        conn = self._connect(host, port, self._timeout)
+        try:
+            conn.request("GET", BLOB_PATH + key, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read(MAX_SHORT_LIVED + 1)
+            if resp.status == 404:
+                return True, None
+            if resp.status != 200 or len(body) > MAX_SHORT_LIVED:
+                return False, None
+            return True, body
+        except (OSError, http.client.HTTPException) as e:
+            log.info("az cache %s: %s: %s", server, key, e)
+            return False, None
+        finally:
+            conn.close()
 
     def _ask(self, server: str, key: str) -> bytes | None:
         host, port = parse_address(server)

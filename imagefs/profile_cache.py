@@ -38,8 +38,13 @@ def _path(cache_dir: str, digest: str) -> str:
     return os.path.join(cache_dir, "profiles", digest[len(DIGEST_PREFIX):] + ".profile")
 
 
-def read_copy(cache_dir: str | None, index: Index) -> profiles.Profile | None:
-    """The host's copy of ``index``'s profile if it has a usable one."""
+NONE = object()  # read_copy: the host knows the image has no profile (an empty copy)
+
+
+def read_copy(cache_dir: str | None, index: Index) -> "profiles.Profile | object | None":
+    """The host's copy of ``index``'s profile if it has a usable one; :data:`NONE` if
+    its copy says the image has none (an empty file: the store had none when it asked);
+    None if it has no copy."""
     if not cache_dir:
         return None
     path = _path(cache_dir, index.digest)
@@ -48,6 +53,8 @@ def read_copy(cache_dir: str | None, index: Index) -> profiles.Profile | None:
             blob = f.read(profiles.MAX_BLOB)
     except OSError:
         return None
+    if not blob:
+        return NONE
     try:
         found = profiles.decode(blob, path)
         profiles.check_against(found, index, path)
@@ -59,16 +66,26 @@ def read_copy(cache_dir: str | None, index: Index) -> profiles.Profile | None:
     return found
 
 
+def age(cache_dir: str | None, digest: str) -> float:
+    """Seconds since the host's copy was written (infinite without one)."""
+    if not cache_dir:
+        return float("inf")
+    import time
+
+    try:
+        return time.time() - os.stat(_path(cache_dir, digest)).st_mtime
+    except OSError:
+        return float("inf")
+
+
 def keep(cache_dir: str | None, digest: str, blob: bytes | None) -> None:
-    """Keep ``blob`` as the host's copy of ``digest``'s profile (None: it has none)."""
+    """Keep ``blob`` as the host's copy of ``digest``'s profile (None: it has none,
+    kept as an empty file so that a mount right after does not ask again)."""
     if not cache_dir:
         return
     path = _path(cache_dir, digest)
+    blob = blob or b""
     try:
-        if blob is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
         private_dir(os.path.dirname(path))
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # 0600
         try:
@@ -84,11 +101,25 @@ def keep(cache_dir: str | None, digest: str, blob: bytes | None) -> None:
 
 
 def fetch(store: BlobStore, digest: str) -> bytes | None:
-    """The stored profile blob of ``digest`` (unverified: readers verify), or None."""
+    """The stored profile blob of ``digest`` (readers check it against the index), or
+    None. Through a zone's server (cache.zoneblobs) a profile comes unverified: one that
+    does not decode is asked of the store itself."""
+    key = profiles.profile_key(digest)
     try:
-        return store.get(profiles.profile_key(digest))
+        blob = store.get(key)
     except BlobNotFound:
         return None
+    inner = getattr(store, "inner", None)
+    if inner is not None:
+        try:
+            profiles.decode(blob, key)
+        except profiles.ProfileError as e:
+            log.warning("the zone's copy of %s is unusable (%s); asking the store", key, e)
+            try:
+                return inner.get(key)
+            except BlobNotFound:
+                return None
+    return blob
 
 
 def refresh(store: BlobStore, cache_dir: str | None, digest: str) -> bytes | None:

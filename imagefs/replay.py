@@ -30,6 +30,10 @@ from indexer.index import Index
 
 log = logging.getLogger(__name__)
 
+# A host copy younger than this (fetched beside the index a moment ago) is not
+# refreshed: in a burst every host would ask the store once more for nothing.
+FRESH_S = 60.0
+
 
 class ReplayStatus(StreamTracker):
     """A stream tracker that also says what happened before the stream: ``state`` is
@@ -60,10 +64,13 @@ def load_profile(store: Any, index: Index, status: ReplayStatus,
     """(worker thread) The image's usable profile, or None with ``status`` saying why:
     the host's copy when there is one (:mod:`imagefs.profile_cache`), else the store's
     (kept as the host's copy)."""
-    found = profile_cache.read_copy(cache_dir, index)
-    if found is not None:
+    copy = profile_cache.read_copy(cache_dir, index)
+    if copy is profile_cache.NONE and profile_cache.age(cache_dir, index.digest) <= FRESH_S:
+        status.source, status.state = "host copy", "none"  # the store had none a moment ago
+        return None
+    if isinstance(copy, profiles.Profile):
         status.source = "host copy"
-        return found
+        return copy
     status.source = "store"
     try:
         blob = profile_cache.refresh(store, cache_dir, index.digest)
@@ -91,7 +98,7 @@ async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStat
     refreshes the copy from the store, for the next mount."""
     t0 = time.monotonic()
     found = await trio.to_thread.run_sync(load_profile, store, index, status, cache_dir)
-    if status.source == "host copy":
+    if status.source == "host copy" and profile_cache.age(cache_dir, index.digest) > FRESH_S:
         _refresh_in_background(store, index, cache_dir)
     if found is None:
         return False

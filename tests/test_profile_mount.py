@@ -264,6 +264,8 @@ def test_a_stale_host_copy_is_replayed_once_and_refreshed(run_dir: Path) -> None
     with mounted("app", str(run_dir / "mnt1"), opts) as m:
         assert _wait_replay(m.path)["planned"] == len(old.entries)
     profiles.save(store, new)  # re-recorded elsewhere
+    copy_path = os.path.join(cache, "profiles", index.digest.split(":")[1] + ".profile")
+    os.utime(copy_path, (time.time() - 3600, time.time() - 3600))  # a copy from an hour ago
     with mounted("app", str(run_dir / "mnt2"), opts) as m:
         rp = _wait_replay(m.path)
         assert rp["source"] == "host copy" and rp["planned"] == len(old.entries)  # this mount: the copy
