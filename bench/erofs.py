@@ -80,8 +80,8 @@ class MetaResult:
 
 def bench_metadata(prep: rp.Prepared, scratch: rp.Scratch, repeat: int) -> MetaResult:
     from cache.localstore import LocalStore
-    from imagefs.erofs import writer
-    from imagefs.erofs.slots import SlotMap
+    from indexer.erofs import writer
+    from indexer.erofs.slots import SlotMap
     from indexer.catalog import open_image
 
     res = MetaResult()

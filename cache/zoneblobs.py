@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 BLOB_PATH = "/v3/blob/"
 CONTENT_ADDRESSED = re.compile(r"^indexes/([0-9a-f]{64})$")  # keys named by the blake3 of their bytes
-SHORT_LIVED = re.compile(r"^profiles/([0-9a-f]{64})$")  # mutable, self-verifying (startup profiles)
+# Self-verifying keys not named by their bytes: startup profiles (mutable) and EROFS
+# metadata (a function of the index and the writer version).
+SHORT_LIVED = re.compile(r"^(?:profiles/([0-9a-f]{64})|erofs/([0-9a-f]{64})\.v[0-9]+)$")
 SHORT_LIVED_TTL = 10.0  # seconds a server answers a short-lived key from memory
 MAX_SHORT_LIVED = 64 << 20
 MAX_BLOB = 256 << 20
@@ -65,15 +67,17 @@ def blob_digest(key: str) -> bytes | None:
 def short_lived_owner_key(key: str) -> bytes | None:
     """For a short-lived key (a startup profile), the 32 bytes that pick its server."""
     m = SHORT_LIVED.match(key)
-    return bytes.fromhex(m.group(1)) if m else None
+    return bytes.fromhex(m.group(1) or m.group(2)) if m else None
 
 
 class ShortLived:
     """(trio thread) A server's short-lived blobs: key -> (until, bytes or None for absent)."""
 
-    def __init__(self, ttl: float = SHORT_LIVED_TTL, cap: int = 1024) -> None:
+    def __init__(self, ttl: float = SHORT_LIVED_TTL, cap: int = 1024, max_bytes: int = 256 << 20) -> None:
         self.ttl = ttl
         self.cap = cap
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[str, tuple[float, bytes | None]] = OrderedDict()
 
     def get(self, key: str, now: float) -> tuple[bool, bytes | None]:
@@ -84,10 +88,14 @@ class ShortLived:
         return True, item[1]
 
     def keep(self, key: str, data: bytes | None, now: float) -> None:
+        old = self._items.pop(key, None)
+        if old is not None and old[1] is not None:
+            self._bytes -= len(old[1])
         self._items[key] = (now + self.ttl, data)
-        self._items.move_to_end(key)
-        while len(self._items) > self.cap:
-            self._items.popitem(last=False)
+        self._bytes += len(data or b"")
+        while len(self._items) > self.cap or self._bytes > self.max_bytes:
+            _k, (_t, gone) = self._items.popitem(last=False)
+            self._bytes -= len(gone or b"")
 
 
 class BlobCache:

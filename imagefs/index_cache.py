@@ -39,6 +39,7 @@ import blake3
 from cache.blobstore import BlobNotFound, BlobStore
 from cache.private import private_dir
 from imagefs import profile_cache
+from imagefs.erofs import host_copy as erofs_host_copy
 from indexer.catalog import ImageNotFound, index_key, resolve
 from indexer.format import DIGEST_PREFIX, IndexFormatError, unseal
 from indexer.index import Index
@@ -84,15 +85,17 @@ def load_index(store: BlobStore, image: str, cache_dir: str | None) -> Index:
             return Index(map_copy(path), digest)
         except (OSError, ValueError, CopyError, IndexFormatError) as e:
             log.warning("local copy of index %s is unusable (%s); fetching it again", digest, e)
-    # The image's startup profile comes in the same round trip, for the mount's replay.
-    beside = profile_cache.fetch_beside(store, cache_dir, digest)
+    # What a cold mount needs next comes in the same round trip: the image's startup
+    # profile (for the replay) and its EROFS metadata (written at index time).
+    beside = [t for t in (profile_cache.fetch_beside(store, cache_dir, digest),
+                          erofs_host_copy.fetch_beside(store, cache_dir, digest)) if t is not None]
     try:
         blob = store.get(index_key(digest))
     except BlobNotFound:
         raise ImageNotFound(f"{image}: no such image in {store.url}") from None
     finally:
-        if beside is not None:
-            beside.join(PROFILE_WAIT_S)
+        for t in beside:
+            t.join(PROFILE_WAIT_S)
     body = unseal(blob, digest)  # verified against the digest before anything is kept
     index = Index(body, digest)
     if path:

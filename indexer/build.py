@@ -16,6 +16,7 @@ build finds them through their tables of contents and does not store them again.
 from __future__ import annotations
 
 import gc
+import logging
 import posixpath
 import re
 import time
@@ -28,12 +29,15 @@ from indexer import catalog
 from indexer.background import BackgroundReader
 from indexer.chunker import DEFAULT_CHUNK_SIZE, DEFAULT_MEMORY_BUDGET, DEFAULT_RANDOM_ACCESS_CHUNK_SIZE, ChunkSpill
 from indexer.format import encode, seal
+from indexer.index import Index
 from indexer.layers import apply_layer
 from indexer.packer import load_known_chunks, start_packs
 from indexer.progress import NullProgress, Progress
 from indexer.sources import ImageSource, SourceError, open_source
 from indexer.sources.credentials import AuthOptions
 from indexer.tree import Tree
+
+log = logging.getLogger(__name__)
 
 INDEX_FORMAT_META = 1
 # Image config keys a container run needs (OCI image spec, config.config).
@@ -105,6 +109,20 @@ def image_meta(source: ImageSource, chunk_size: int) -> dict[str, Any]:
         "layers": [{"digest": l.digest, "size": l.size, "media_type": l.media_type} for l in source.layers],
         "chunk_size": chunk_size,
     }
+
+
+def _put_erofs_metadata(store: BlobStore, body: bytes, digest: str) -> None:
+    """Write the image's EROFS metadata beside its index (indexer.erofs.store), so that
+    a host's first mount does not write it on its cold path. An index EROFS cannot
+    express is no error: its mounts are plain FUSE mounts."""
+    from indexer.erofs import store as erofs_store
+
+    try:
+        meta = erofs_store.encode(Index(body, digest))
+    except ValueError as e:
+        log.info("no EROFS metadata for %s: %s", digest, e)
+        return
+    store.put(erofs_store.metadata_key(digest), meta)
 
 
 @contextmanager
@@ -208,6 +226,7 @@ def _build(
                 stored = packs.written
 
         progress.phase("writing index")
+        _put_erofs_metadata(store, body, digest)
         catalog.put_index(store, digest, blob)
         if name:
             catalog.set_ref(store, name, digest)

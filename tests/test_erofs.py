@@ -25,9 +25,9 @@ from typing import Iterator
 import pytest
 
 from cache.localstore import LocalStore
-from imagefs.erofs import ondisk, writer
+from indexer.erofs import ondisk, writer
 from imagefs.erofs.session import OPTIONS_ENV
-from imagefs.erofs.slots import SlotMap, SlotSpaceError, slot_size
+from indexer.erofs.slots import SlotMap, SlotSpaceError, slot_size
 from imagefs.mount import FAULT_ENV, MountError, MountOptions, RunPaths, query_stats, start_mount, unmount
 from indexer.index import Index
 from indexer.tree import Node
@@ -433,3 +433,36 @@ def test_without_a_cache_directory_the_metadata_leaves_no_file(env: str, edge: t
         with open(os.path.join(m.path, "sizes/chunk+1"), "rb") as f:
             assert f.read() == _bytes(CS + 1, CS + 1)
     assert [n for n in os.listdir(run_dir) if n.endswith(".erofs")] == []
+
+
+def test_indexing_writes_the_metadata_and_a_cold_mount_fetches_it_beside_the_index(env: str) -> None:
+    """`imagefs index` stores the EROFS metadata (indexer.erofs.store); a host's first
+    mount takes it from the store instead of writing it; a damaged stored copy is
+    refused and the daemon writes its own."""
+    from indexer.build import build_image
+    from indexer.catalog import open_image
+    from indexer.erofs import store as erofs_store
+    from tests.support.images import write_oci_layout
+    from tests.support.tars import feature_layers
+
+    store_dir = os.path.join(env, "store-indexed")
+    store = LocalStore(store_dir)
+    layout = os.path.join(env, "layout-indexed")
+    write_oci_layout(layout, feature_layers())
+    res = build_image(f"oci:{layout}:latest", store, "indexed")
+    key = erofs_store.metadata_key(res.digest)
+    assert store.exists(key)
+    image = erofs_store.decode(store.get(key), res.digest)  # checks it against the index
+    index = open_image(store, "indexed")
+    assert bytes(image) == bytes(writer.build(index, SlotMap.of_index(index)))  # what the daemon would write
+    mp = os.path.join(env, "mnt-indexed")
+    with mounted("indexed", mp, _opts(env, store_dir, "indexed-cold")) as m:
+        fs = query_stats(mp)["fs"]
+        assert fs["mode"] == "erofs" and "metadata_ms" in fs and "metadata_built_ms" not in fs
+        assert os.listdir(m.path)
+    blob = bytearray(store.get(key))
+    blob[-10] ^= 0xFF
+    store.put(key, bytes(blob))
+    with mounted("indexed", mp, _opts(env, store_dir, "indexed-damaged")):
+        fs = query_stats(mp)["fs"]
+        assert fs["mode"] == "erofs" and "metadata_built_ms" in fs  # refused, and written here

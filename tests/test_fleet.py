@@ -200,8 +200,9 @@ def test_a_burst_of_four_cold_hosts_costs_the_store_what_one_host_does(zone: Zon
     # The hosts' own link carried the name of the image only (one GET each); its index
     # came through the zone's server, read from the store once.
     assert four["host_gets"] == 4 and one["host_gets"] == 1
-    # Each host asked the zone for the index and, beside it, the image's startup profile.
-    assert four["server"]["imagefs_cache_server_blob_requests_total"] == 8
+    # Each host asked the zone for the index and, beside it, the image's startup profile
+    # and its EROFS metadata.
+    assert four["server"]["imagefs_cache_server_blob_requests_total"] == 12
     assert four["server"]["imagefs_cache_server_class_requests_total{class=\"background\"}"] > 0
 
 

@@ -6,7 +6,7 @@ its error mapping, counters and fault hook: ``imagefs stats`` shows the FUSE req
 of the backing mount like those of a plain one.
 
 The tree is a root directory (inode 1) holding ``blob`` (inode 2), whose size is the
-slot map's. A read of the blob is cut at slot boundaries (:mod:`imagefs.erofs.slots`);
+slot map's. A read of the blob is cut at slot boundaries (:mod:`indexer.erofs.slots`);
 each piece inside a chunk's bytes comes from the chunk chain, verified as every chunk
 is, and the rest is zeros. The kernel only reads what EROFS files map, chunk-aligned,
 so a request almost always falls in one chunk: that case costs one bisection, one
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence, overload
 
 from cache.chunk import ChunkRef
 from cache.tier import ChunkReader
-from imagefs.erofs.slots import SlotMap
+from indexer.erofs.slots import SlotMap
 from imagefs.vfs import BLOCK_SIZE, DEFAULT_NEIGHBOUR_WINDOW, Attributes, StatFS, VFSError
 
 if TYPE_CHECKING:

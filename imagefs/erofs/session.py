@@ -22,15 +22,14 @@ other way: EROFS first (lazily if busy), then the blob, whose FUSE session ends 
 the kernel lets go of the file (a lazily detached EROFS keeps it until its last user
 is gone), which is when the daemon exits.
 
-Why the metadata is made at mount time and kept in the host's cache, not made at index
-time and kept in the store: on the torch bench image (33,839 inodes, 29,840 chunks) it is
-4.2 MiB, written from the index in ~300 ms, once per host and image; every later mount
-reads and checks the kept copy (~1 ms of blake3, 18 ms with the slot map) and probes the
-kernel (~1 ms): `imagefs mount` returns in 224 ms against 198 ms for a plain mount, and
-505 ms when the copy has to be written first (bench/RESULTS.md "EROFS mounts"). Made at
-index time, it would cost every image a second stored object and every cold mount a
-second blob-store round trip (~200 ms, the same as writing it here), and a writer
-version change would strand what the store holds; made here, it follows the writer.
+Where the metadata comes from: since the profiles work, ``imagefs index`` writes it into
+the store beside the index (indexer.erofs.store) and a cold host fetches it in the same
+round trip as the index (imagefs.erofs.host_copy), because writing it here cost the
+first mount of an image on a host ~300 ms (the torch bench image: 33,839 inodes,
+4.2 MiB; `imagefs mount` 505 ms against 224 ms with a kept copy, bench/RESULTS.md
+"EROFS mounts") in series with everything a cold start waits for, the startup profile's
+replay included. An image indexed before (or by another writer version) has none in the
+store: then it is written here, once per host, as before.
 """
 
 from __future__ import annotations
@@ -42,9 +41,13 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-from imagefs.erofs import kernel, writer
+from imagefs.erofs import kernel
+from indexer.erofs import writer
 from imagefs.erofs.blobfs import BLOB_NAME, BlobFS
-from imagefs.erofs.slots import SlotMap, SlotSpaceError
+from imagefs.erofs.host_copy import META_PREFIX, META_SUFFIX
+from imagefs.erofs.host_copy import path as metadata_path
+from imagefs.erofs.host_copy import write as write_metadata
+from indexer.erofs.slots import SlotMap, SlotSpaceError
 
 if TYPE_CHECKING:
     from cache.tier import ChunkReader
@@ -63,8 +66,6 @@ OPTIONS_ENV = "IMAGEFS_EROFS_OPTIONS"
 # mount's page cache. Kernels before it (6.12) take no options: their blob reads go through
 # the FUSE page cache, with the FUSE readahead window sizing them.
 DEFAULT_OPTIONS = ("directio", "")
-META_PREFIX = "imagefs-"
-META_SUFFIX = ".erofs"
 # Readahead window of the EROFS mount, KiB: the size of its reads of the blob (at most
 # 1 MiB reach the daemon at once) and the read-around of a page fault. Measured with
 # `python -m bench erofs` (bench/RESULTS.md "EROFS mounts"): SSD-warm `import torch`
@@ -184,7 +185,7 @@ def _prepare(index: "Index", mountpoint: str, opts: "MountOptions", paths: "RunP
     slots = SlotMap.of_index(index)
     cache_dir = opts.index_cache_dir()
     if cache_dir:
-        meta, built = _cached_metadata(index, slots, os.path.join(cache_dir, "erofs"))
+        meta, built = _cached_metadata(index, slots, metadata_path(cache_dir, index.digest))
         temporary = False
     else:
         meta, built = _write_metadata(index, slots, os.path.dirname(paths.record), temporary=True), True
@@ -214,9 +215,9 @@ def _prepare(index: "Index", mountpoint: str, opts: "MountOptions", paths: "RunP
                       timings=timings)
 
 
-def _cached_metadata(index: "Index", slots: SlotMap, directory: str) -> tuple[str, bool]:
-    """(path, whether it was built now) of the checked metadata image in ``directory``."""
-    path = os.path.join(directory, META_PREFIX + index.digest.partition(":")[2] + META_SUFFIX)
+def _cached_metadata(index: "Index", slots: SlotMap, path: str) -> tuple[str, bool]:
+    """(path, whether it was built now) of the checked metadata image at ``path``
+    (fetched from the store beside the index, or written here earlier)."""
     try:
         with open(path, "rb") as f:
             writer.check(f.read(), index.digest)
@@ -225,7 +226,7 @@ def _cached_metadata(index: "Index", slots: SlotMap, directory: str) -> tuple[st
         pass
     except (OSError, ValueError) as e:
         log.warning("EROFS metadata %s is unusable (%s); writing it again", path, e)
-    return _write_metadata(index, slots, directory, final=path), True
+    return _write_metadata(index, slots, os.path.dirname(path), final=path), True
 
 
 def _write_metadata(index: "Index", slots: SlotMap, directory: str, *, final: str | None = None,
@@ -233,15 +234,15 @@ def _write_metadata(index: "Index", slots: SlotMap, directory: str, *, final: st
     """Build the metadata and write it (0600) to ``final`` atomically, or to a new
     temporary file in ``directory``; returns its path."""
     image = writer.build(index, slots)
+    if final is not None:
+        write_metadata(final, image)
+        return final
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=META_PREFIX + ".tmp-", suffix=META_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(image)
-        if final is None:
-            return tmp
-        os.replace(tmp, final)
-        return final
+        return tmp
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -2,7 +2,7 @@
 
 The result is a complete EROFS filesystem image for the kernel to mount, except that
 every regular file is *chunk-based* and its chunk indexes point into an extra device,
-the virtual blob (:mod:`imagefs.erofs.slots`), which the imagefs daemon serves. So the
+the virtual blob (:mod:`indexer.erofs.slots`), which the imagefs daemon serves. So the
 kernel answers every lookup, stat, readdir, readlink and getxattr itself, and only the
 first read of a file's bytes crosses into imagefs, as a read of the blob.
 
@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from imagefs.erofs import ondisk as d
-from imagefs.erofs.slots import SlotMap
+from indexer.erofs import ondisk as d
+from indexer.erofs.slots import SlotMap
 
 from indexer.index import Inode
 

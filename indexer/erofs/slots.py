@@ -28,7 +28,7 @@ from array import array
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Sequence
 
-from imagefs.erofs.ondisk import BLOCK_BITS, BLOCK_SIZE, NULL_ADDR
+from indexer.erofs.ondisk import BLOCK_BITS, BLOCK_SIZE, NULL_ADDR
 
 if TYPE_CHECKING:
     from indexer.index import Index
