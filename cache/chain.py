@@ -531,14 +531,15 @@ class ChunkChain:
         if self.remote_tiers:
             await self._prefetch_pays.wait()
 
-    async def prefetch(self, refs: Sequence[ChunkRef], *, paced: bool = False) -> int:
+    async def prefetch(self, refs: Sequence[ChunkRef], *, paced: bool = False, rate: float = 0.0) -> int:
         """Bring ``refs`` (in pack order where possible) into the local tiers ahead of
         demand, a few ranged reads at a time; returns how many chunks were fetched.
         Best effort: failures are counted, not raised. Cancelling stops it cleanly.
 
-        ``paced``: one ranged read at a time, and none while a demand get is fetching
-        below memory (the rest of an image after its startup profile: worth having,
-        never worth the workload's CPU or link)."""
+        ``paced``: one ranged read at a time, none while a demand get is fetching below
+        memory, and (``rate`` > 0) at most ``rate`` compressed bytes a second on average
+        (the rest of an image after its startup profile: worth having, never worth the
+        workload's CPU or link)."""
         runs: list[list[ChunkRef]] = []
         i = 0
         while i < len(refs):
@@ -547,12 +548,14 @@ class ChunkChain:
             i += len(run)
         before = self._prefetched
         one_at_a_time = trio.Lock() if paced else None
+        pace = _Pace(rate) if paced and rate > 0 else None
         async with trio.open_nursery() as nursery:
             for run in runs:
-                nursery.start_soon(self._prefetch_run, run, one_at_a_time)
+                nursery.start_soon(self._prefetch_run, run, one_at_a_time, pace)
         return self._prefetched - before
 
-    async def _prefetch_run(self, run: list[ChunkRef], one_at_a_time: trio.Lock | None) -> None:
+    async def _prefetch_run(self, run: list[ChunkRef], one_at_a_time: trio.Lock | None,
+                            pace: "_Pace | None" = None) -> None:
         async with contextlib.AsyncExitStack() as stack:
             if one_at_a_time is not None:
                 await stack.enter_async_context(one_at_a_time)
@@ -594,6 +597,8 @@ class ChunkChain:
                 finally:
                     self._settle(claimed, got, may_drop=False)
                 n = sum(1 for r, _ in claimed if r.digest in got)
+                if pace is not None:
+                    await pace.spend(sum(r.clen for r, _ in claimed))
                 self._prefetched += n
                 self._prefetch_failed += len(claimed) - n
                 todo = sub[len(claimed):] + todo  # after a duplicate: next round
@@ -701,6 +706,20 @@ class ChunkChain:
             direct_reads=budget.taken if budget else 0,
             direct_waits=(budget.waited if budget else 0) + self._background_held,
         )
+
+
+class _Pace:
+    """A budget of ``rate`` bytes a second: :meth:`spend` sleeps off what ran ahead of it."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._free_at = 0.0
+
+    async def spend(self, nbytes: int) -> None:
+        now = trio.current_time()
+        self._free_at = max(now, self._free_at) + nbytes / self.rate
+        if self._free_at > now:
+            await trio.sleep(self._free_at - now)
 
 
 def _verified(by_digest: dict[bytes, ChunkRef], offered: dict[bytes, bytes]) -> dict[bytes, bytes]:

@@ -46,6 +46,9 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    "are brought to the SSD cache in layout order, after what readers ask for (with a startup "
                    "profile: only once the workload is quiet, one read at a time; with --az-cache: only once "
                    "a read has had to go past the zone's cache to the store)")
+    g.add_argument("--prefetch-rate", metavar="SIZE", type=size_arg, default=None,
+                   help="after a startup profile, fetch the rest of the image at most this fast, per second "
+                   "(e.g. 64M; 0: no bound; default: 64M)")
     g = p.add_argument_group("startup profiles")
     g.add_argument("--no-replay", dest="replay", action="store_false",
                    help="do not stream the image's startup profile at mount (by default, when the image has "
@@ -89,6 +92,12 @@ def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
         from imagefs.cli import CLIError
 
         raise CLIError("--record-quiet and --record-max must be positive numbers of seconds", code=2)
+    if args.read_ahead is not None and args.read_ahead < 0:
+        from imagefs.cli import CLIError
+
+        raise CLIError("--read-ahead must be a number of KiB, 0 or more", code=2)
+    if args.prefetch_rate is not None:
+        opts.prefetch_rate = args.prefetch_rate
     if args.cache_size is not None:
         opts.cache_size = args.cache_size
     if args.memory_size is not None:

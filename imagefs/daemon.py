@@ -179,7 +179,8 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
     budget = opts.cache_size // 2 if (opts.prefetch and ssd is not None) else 0
     daemon = _Daemon(image, index.digest, paths, ops, reader, ready_fd, index=index, prefetch_budget=budget,
                      store=store, replay=opts.replay, recorder=recorder, record_merge=opts.record_merge,
-                     read_ahead_kb=opts.read_ahead_kb, kernel=kernel, cache_dir=opts.index_cache_dir())
+                     read_ahead_kb=opts.read_ahead_kb, kernel=kernel, cache_dir=opts.index_cache_dir(),
+                     prefetch_rate=opts.prefetch_rate)
     try:
         trio.run(daemon.run)
     finally:
@@ -204,7 +205,9 @@ class _Daemon:
     def __init__(self, image: str, digest: str, paths: RunPaths, ops: Any, reader: Any,
                  ready_fd: int | None, *, index: Any = None, prefetch_budget: int = 0, store: Any = None,
                  replay: bool = False, recorder: Any = None, record_merge: bool = True,
-                 read_ahead_kb: int | None = None, kernel: Any = None, cache_dir: str | None = None) -> None:
+                 read_ahead_kb: int | None = None, kernel: Any = None, cache_dir: str | None = None,
+                 prefetch_rate: float = 0.0) -> None:
+        self.prefetch_rate = prefetch_rate
         self.read_ahead_kb = read_ahead_kb
         self.cache_dir = cache_dir  # the host's cache directory (copies of indexes and profiles)
         self.index = index
@@ -266,7 +269,8 @@ class _Daemon:
         status = self.replay_status = ReplayStatus() if self.replay else None
         try:
             await run_background(self.index, self.reader, self.store, ready=self.ready, replay_status=status,
-                                 progress=progress, budget=self.prefetch_budget, cache_dir=self.cache_dir)
+                                 progress=progress, budget=self.prefetch_budget, cache_dir=self.cache_dir,
+                                 rate=self.prefetch_rate)
         except Exception:  # background fetching is an optimisation: it must never take the mount down
             for s in (progress, status):
                 if s is not None and s.state not in ("done", "none", "refused"):

@@ -109,13 +109,14 @@ class MountOptions:
 
     __slots__ = ("store", "s3_endpoint", "cache_dir", "cache_size", "memory_size", "az_cache", "prefetch", "fs",
                  "replay", "record", "record_quiet_s", "record_max_s", "record_merge", "read_ahead_kb",
-                 "store_budget")
+                 "store_budget", "prefetch_rate")
 
     def __init__(self, store: str | None = None, s3_endpoint: str | None = None, cache_dir: str | None = None,
                  cache_size: int = 10 * GiB, memory_size: int = 512 * MiB, az_cache: list[str] | None = None,
                  prefetch: bool = True, fs: str = "auto", replay: bool = True, record: bool = False,
                  record_quiet_s: float = 10.0, record_max_s: float = 300.0, record_merge: bool = True,
-                 read_ahead_kb: int | None = None, store_budget: str | None = None) -> None:
+                 read_ahead_kb: int | None = None, store_budget: str | None = None,
+                 prefetch_rate: int = 64 * MiB) -> None:
         self.store = store
         self.s3_endpoint = s3_endpoint
         self.cache_dir = cache_dir
@@ -132,6 +133,7 @@ class MountOptions:
         self.record_max_s = record_max_s  # ... or this long after the mount at most
         self.record_merge = record_merge  # merge into the image's profile (False: replace it)
         self.read_ahead_kb = read_ahead_kb  # the kernel's readahead window (None: imagefs.readahead's default)
+        self.prefetch_rate = prefetch_rate  # bytes/s of the rest of the image after a profile (0: no bound)
         self.store_budget = store_budget
 
     def as_dict(self) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class Progress:
 
 
 async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress: Progress | None = None, *,
-                         paced: bool = False, exclude: Container[bytes] = ()) -> int:
+                         paced: bool = False, rate: float = 0.0, exclude: Container[bytes] = ()) -> int:
     """Prefetch ``index``'s chunks (but ``exclude``) into the local tiers; returns how
     many were fetched. ``paced``: see :meth:`cache.chain.ChunkChain.prefetch`."""
     progress = progress or Progress()
@@ -81,7 +81,7 @@ async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress:
         progress.state = "done"
         return 0
     start = time.monotonic()
-    fetched = progress.fetched = await chain.prefetch(refs, paced=paced)
+    fetched = progress.fetched = await chain.prefetch(refs, paced=paced, rate=rate)
     progress.state = "done"
     log.info("prefetched %d of %d chunks (%.1f MiB compressed planned) in %.1f s", fetched, len(refs),
              sum(r.clen for r in refs) / (1 << 20), time.monotonic() - start)
@@ -101,7 +101,7 @@ async def wait_until_quiet(chain: ChunkChain, quiet_s: float, poll: float = 0.25
 
 async def run_background(index: Index, chain: ChunkChain, store: Any, *, ready: trio.Event,
                          replay_status: Any = None, progress: Progress | None = None, budget: int = 0,
-                         quiet_s: float = 5.0, cache_dir: str | None = None) -> None:
+                         quiet_s: float = 5.0, cache_dir: str | None = None, rate: float = 0.0) -> None:
     """The policy of the module docstring. ``replay_status`` (an
     :class:`imagefs.replay.ReplayStatus`) turns the profile replay on; ``progress``
     with a ``budget`` the prefetch of the rest."""
@@ -118,4 +118,4 @@ async def run_background(index: Index, chain: ChunkChain, store: Any, *, ready: 
         return
     progress.state = "waiting for quiet"
     await wait_until_quiet(chain, quiet_s)
-    await prefetch_image(index, chain, budget, progress, paced=True)  # what the replay brought is skipped
+    await prefetch_image(index, chain, budget, progress, paced=True, rate=rate)  # the replay's chunks are skipped

@@ -84,9 +84,30 @@ class Recorder:
             self.stopped = reason
 
     def profile(self) -> Profile:
-        """What was recorded, as a one-recording profile of the index."""
-        return Profile(self.index.digest, entries_from(self.records))
+        """What was recorded, as a one-recording profile of the index. Reads that came by
+        chunk number (EROFS's blob) are given the first file that holds the chunk."""
+        records = self.records
+        if any(ino == 0 for _c, ino, _t in records):
+            owner = _chunk_owners(self.index, {c for c, ino, _t in records if ino == 0})
+            records = [(c, ino or owner.get(c, 0), t) for c, ino, t in records]
+        return Profile(self.index.digest, entries_from(records))
 
     def as_dict(self) -> dict[str, object]:
         return {"state": "recording" if self.stopped is None else f"stopped ({self.stopped})",
                 "chunks": len(self.records)}
+
+
+def _chunk_owners(index: Index, wanted: set[int]) -> dict[int, int]:
+    """chunk number -> the first regular file (inode order) that holds it, for ``wanted``."""
+    import stat
+
+    owner: dict[int, int] = {}
+    for node in index.inodes():
+        if not stat.S_ISREG(node.mode) or node.size == 0:
+            continue
+        for c in index.file_chunk_numbers(node.ino):
+            if c in wanted and c not in owner:
+                owner[c] = node.ino
+        if len(owner) == len(wanted):
+            break
+    return owner

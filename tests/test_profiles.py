@@ -278,3 +278,30 @@ def test_a_version_1_index_still_opens(image: tuple[LocalStore, Index]) -> None:
     assert ino is not None and old_index.file_chunk_size(ino) == index.chunk_size
     assert [r for _o, r in old_index.chunks_for_range(ino, 0, 4 * CS)] == \
         [r for _o, r in index.chunks_for_range(index.resolve("f04") or 0, 0, 4 * CS)]
+
+
+def test_the_rest_of_the_image_is_fetched_within_its_rate(image: tuple[LocalStore, Index]) -> None:
+    """A paced prefetch (the rest of an image after its profile) spends at most its
+    budget of bytes per second: with trio's MockClock the virtual time it takes is the
+    bytes over the rate (no wall-clock bound)."""
+    import trio
+    import trio.testing
+
+    from cache.blobtier import BlobTier
+    from cache.chain import ChunkChain
+    from cache.memory import MemoryTier
+
+    store, index = image
+    refs = list(index.all_chunks())
+    total = sum(r.clen for r in refs)
+    rate = total / 10  # ten seconds' worth
+
+    async def main() -> tuple[int, float]:
+        chain = ChunkChain(BlobTier(store), None, MemoryTier(64 << 20))
+        t0 = trio.current_time()
+        n = await chain.prefetch(refs, paced=True, rate=rate)
+        return n, trio.current_time() - t0
+
+    n, took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert n == len(refs)
+    assert 9.0 <= took <= 10.5  # the budget, not the disk, set the pace
