@@ -74,6 +74,11 @@ def validate_name(name: str) -> str:
     return name
 
 
+def is_full_digest(image: str) -> bool:
+    """Whether ``image`` is a whole ``blake3:<64 hex>`` digest."""
+    return bool(_DIGEST.match(image))
+
+
 def index_key(digest: str) -> str:
     if not _DIGEST.match(digest):
         raise InvalidImageName(f"invalid image digest {digest!r} (expected blake3:<64 hex>)")
