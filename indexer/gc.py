@@ -269,10 +269,15 @@ def collect(store: BlobStore, *, dry_run: bool = False, progress: Progress | Non
             "created": now(), "indexes": dead_indexes, "profiles": dead_profiles, "packs": dead_packs, "leases": None,
         }
         plans = _read_plans(store)
-        if dead_indexes or dead_profiles or dead_packs:
+        # What an earlier plan condemned is its to finish (a gc run every minute while a
+        # long build runs would otherwise pile up plans naming the same packs).
+        for kind in ("indexes", "profiles", "packs"):
+            taken = {k for p in plans for k in p[kind]}
+            plan[kind] = [k for k in plan[kind] if k not in taken]
+        if plan["indexes"] or plan["profiles"] or plan["packs"]:
             _put_plan(store, plan)
             plans.append(plan)
-        progress.phase(f"condemning {len(dead_packs)} packs")
+        progress.phase(f"condemning {len(plan['packs'])} packs")
         for p in plans:
             if p["leases"] is None:  # ours, or one whose collector died before noting its leases
                 _hide_tocs(store, p["packs"])
@@ -308,9 +313,8 @@ def collect(store: BlobStore, *, dry_run: bool = False, progress: Progress | Non
             stock = _Stock.take(store)
         still = {l.key: l for l in read_leases(store)}
         report.waiting_for = sorted({still[k].describe() for p in waiting for k in p["leases"] if k in still})
-        for p in waiting:
-            for k in p["packs"]:
-                report.deferred.add(stock.packs.get(k, 0))
+        for k in sorted({k for p in waiting for k in p["packs"]}):
+            report.deferred.add(stock.packs.get(k, 0))
         # Checked again one by one: a build writes a pack, then its table of contents.
         _delete(store, [k for k in stray_tocs if k in stock.tocs and not store.exists(PACK_PREFIX + _hex(k))],
                 stock.tocs, report.freed["packtocs"], None)

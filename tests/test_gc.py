@@ -182,6 +182,8 @@ def test_a_build_started_after_condemnation_does_not_pick_condemned_packs(tmp_pa
     with Lease(store, "a writer that is still running"):
         r = collect(store)
         assert r.deferred.count >= 1 and r.freed["packs"].count == 0
+        assert collect(store).deferred.count == r.deferred.count  # the same packs, not counted twice...
+        assert len(_keys(store, PLAN_PREFIX)) == 1  # ...nor condemned in a second plan
         late = build_image(_layout(tmp_path, "big"), store, "late")
         assert late.new_chunks > 0  # the condemned packs were invisible to it: it stored its own
     collect(store)  # the writer is gone: the condemned copies go, the late build's stay
