@@ -90,6 +90,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         auth=_auth_options(args),
         progress=progress_for(args.quiet),
     )
+    if not result.name:
+        print(f"imagefs: warning: {result.digest[:23]} has no name, so it is dangling (<none>) and the next "
+              "'imagefs gc' deletes it; name it with 'imagefs tag'", file=sys.stderr)
     if result.replaced and result.name:
         from imagefs.cli_images import moved_message
 

@@ -336,8 +336,15 @@ def _read_plans(store: BlobStore) -> list[dict[str, Any]]:
     for key in store.list(PLAN_PREFIX):
         try:
             p = json.loads(store.get(key))
-            if not all(isinstance(p.get(k), list) for k in ("indexes", "profiles", "packs")):
-                raise ValueError("missing lists")
+            for kind, prefix in (("indexes", INDEX_PREFIX), ("profiles", PROFILE_PREFIX), ("packs", PACK_PREFIX)):
+                items = p.get(kind)
+                # A plan names only objects of its kind: never a name, a lease or anything else.
+                if not isinstance(items, list) or not all(
+                        isinstance(k, str) and k.startswith(prefix) and "/" not in k[len(prefix):] for k in items):
+                    raise ValueError(f"bad {kind} list")
+            if p.get("leases") is not None and not (
+                    isinstance(p["leases"], list) and all(isinstance(k, str) for k in p["leases"])):
+                raise ValueError("bad leases list")
             p["id"] = key[len(PLAN_PREFIX):]
             plans.append(p)
         except BlobNotFound:

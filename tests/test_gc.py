@@ -304,3 +304,15 @@ def test_gc_on_s3_concurrent_with_an_index_process(tmp_path: Any, seaweed: Any) 
     collect(store)
     assert _keys(store, "indexes/") == {catalog.index_key(catalog.resolve(store, "base"))}
     assert _keys(store, "packs/") == set(catalog.open_image(store, "base").pack_keys())
+
+
+def test_a_plan_that_names_anything_but_garbage_kinds_is_ignored(tmp_path: Any) -> None:
+    import json
+
+    store = LocalStore(str(tmp_path / "store"))
+    build_image(_layout(tmp_path, "base"), store, "base")
+    store.put(PLAN_PREFIX + "evil", json.dumps({"indexes": ["refs/base"], "profiles": [], "packs": ["packs/../refs/base"],
+                                                "leases": []}).encode())
+    collect(store)
+    assert catalog.resolve(store, "base")  # the name is still there
+    _intact(store, "base", "base")
