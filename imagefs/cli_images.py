@@ -56,9 +56,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "prune",
         help="remove this host's leftovers: dead runs, files of gone mount daemons, unused index copies",
         description="Remove what this host keeps that nothing uses: containers, overlays, bundles and image "
-        "mounts of runs killed with SIGKILL; run files of mount daemons that are gone; index copies and "
-        "EROFS metadata in the cache directory of images no live mount serves (they are fetched or written "
-        "again when needed). The store is not touched: 'imagefs gc' shrinks it.",
+        "mounts of runs killed with SIGKILL; run files of mount daemons that are gone; index and profile "
+        "copies and EROFS metadata in the cache directory of images no live mount serves (fetched or "
+        "written again when needed). The store is not touched: 'imagefs gc' shrinks it.",
     )
     p.add_argument("--cache-dir", metavar="DIR",
                    help="the host cache directory (default: $IMAGEFS_CACHE_DIR, else /var/cache/imagefs for root)")

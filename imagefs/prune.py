@@ -9,10 +9,11 @@ The store shrinks with :mod:`indexer.gc`; this is the host's side (``imagefs pru
   directory, and the private directories of their EROFS blob and kernel probe. A
   daemon being started has a log and no record yet: files without a record are left
   alone for :data:`YOUNG_S` seconds.
-- **Index copies** (``<cache dir>/indexes/<hex>.body``) and **EROFS metadata**
-  (``<cache dir>/erofs/imagefs-<hex>.erofs``) of images no live mount on this host
-  serves. Both are caches: a later mount fetches or writes them again (one index
-  fetch, ~300 ms of EROFS metadata for a large image). A live mount's are kept even
+- **Index copies** (``<cache dir>/indexes/<hex>.body``), **profile copies**
+  (``<cache dir>/profiles/<hex>.profile``, :mod:`imagefs.profile_cache`) and **EROFS
+  metadata** (``<cache dir>/erofs/imagefs-<hex>.erofs``) of images no live mount on this
+  host serves. All are caches: a later mount fetches or writes them again (one index
+  fetch with the profile beside it, ~300 ms of EROFS metadata for a large image). A live mount's are kept even
   though deleting them would not hurt it (it has them mapped or mounted), so that
   its remount stays fast.
 
@@ -39,6 +40,7 @@ from imagefs.mount import (EROFS_META_PREFIX, EROFS_META_SUFFIX, find_mounts, is
 YOUNG_S = stale_runs.YOUNG_S
 _RUN_FILE = re.compile(r"^([0-9a-f]{16})(\.json|\.sock|\.log|\.blob|\.probe|\.probe-blob|\.json\.tmp)$")
 _INDEX_COPY = re.compile(r"^(?:([0-9a-f]{64})\.body|\.tmp-.*)$")
+_PROFILE_COPY = re.compile(r"^(?:([0-9a-f]{64})\.profile|\.tmp-.*)$")
 _EROFS_META = re.compile(rf"^{re.escape(EROFS_META_PREFIX)}(?:([0-9a-f]{{64}})|\.tmp-.*){re.escape(EROFS_META_SUFFIX)}$")
 
 
@@ -157,7 +159,8 @@ def prune_run_files(rdir: str, report: PruneReport, now: float) -> None:
 
 def prune_cache(cache_dir: str, keep: set[str], in_use: set[str], report: PruneReport, now: float) -> None:
     """Index copies and EROFS metadata of images no live mount serves."""
-    for sub, pattern, kind in (("indexes", _INDEX_COPY, "index copy"), ("erofs", _EROFS_META, "erofs metadata")):
+    for sub, pattern, kind in (("indexes", _INDEX_COPY, "index copy"), ("profiles", _PROFILE_COPY, "profile copy"),
+                               ("erofs", _EROFS_META, "erofs metadata")):
         directory = os.path.join(cache_dir, sub)
         if not os.path.isdir(directory):
             continue

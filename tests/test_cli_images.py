@@ -139,6 +139,7 @@ def test_prune_removes_leftovers_of_dead_daemons_and_keeps_live_and_young_ones(t
     os.makedirs(run, mode=0o700)
     os.makedirs(os.path.join(cache, "indexes"))
     os.makedirs(os.path.join(cache, "erofs"))
+    os.makedirs(os.path.join(cache, "profiles"))
     old = time.time() - 3600
 
     def put(path: str, data: bytes = b"x", mtime: float | None = None) -> str:
@@ -164,11 +165,12 @@ def test_prune_removes_leftovers_of_dead_daemons_and_keeps_live_and_young_ones(t
     other = put(os.path.join(run, "not-ours.txt"), mtime=old)
     copies = {d: put(os.path.join(cache, "indexes", d * 64 + ".body"), b"c" * 5000) for d in "12"}
     metas = {d: put(os.path.join(cache, "erofs", f"imagefs-{d * 64}.erofs"), b"m" * 3000) for d in "12"}
+    profs = {d: put(os.path.join(cache, "profiles", d * 64 + ".profile"), b"p" * 700) for d in "12"}
 
     dry = json.loads(imagefs("prune", "--dry-run", "--json").stdout)
     assert all(os.path.exists(p) for p in dead + [orphan, copies["2"], metas["2"]])  # nothing removed
     p = json.loads(imagefs("prune", "--json").stdout)
     assert sorted(i["what"] for i in p["removed"]) == sorted(i["what"] for i in dry["removed"])
-    assert not any(os.path.exists(x) for x in dead + [orphan, copies["2"], metas["2"]])
-    assert all(os.path.exists(x) for x in (live, young, other, copies["1"], metas["1"]))
-    assert p["bytes"] >= 5000 + 3000 + 300
+    assert not any(os.path.exists(x) for x in dead + [orphan, copies["2"], metas["2"], profs["2"]])
+    assert all(os.path.exists(x) for x in (live, young, other, copies["1"], metas["1"], profs["1"]))
+    assert p["bytes"] >= 5000 + 3000 + 700 + 300
