@@ -54,6 +54,20 @@ class BlobStore(Protocol):
         """Raise :class:`BlobStoreError` with a clear message if the store cannot be reached."""
 
 
+def list_sizes(store: BlobStore, prefix: str) -> Iterator[tuple[str, int]]:
+    """(key, size) of every key under ``prefix``: from the listing itself where the store
+    can (``list_sizes``: local directories, S3), else one ``size`` call per key."""
+    fn = getattr(store, "list_sizes", None)
+    if fn is not None:
+        yield from fn(prefix)
+        return
+    for key in store.list(prefix):
+        try:
+            yield key, store.size(key)
+        except BlobNotFound:
+            continue
+
+
 def validate_key(key: str) -> str:
     """Refuse keys that could escape a directory store or confuse S3."""
     parts = key.split("/")

@@ -128,6 +128,14 @@ class LocalStore:
                 if key.startswith(prefix):
                     yield key
 
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every key that starts with ``prefix``."""
+        for key in self.list(prefix):
+            try:
+                yield key, os.stat(os.path.join(self.root, key)).st_size
+            except FileNotFoundError:
+                continue  # deleted while we listed
+
     def delete(self, key: str) -> None:
         try:
             os.unlink(self._path(key))

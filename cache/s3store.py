@@ -327,6 +327,12 @@ class S3Store:
         return self._call("HEAD", key, head, self._not_found(key))
 
     def list(self, prefix: str) -> Iterator[str]:
+        for key, _size in self.list_sizes(prefix):
+            yield key
+
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every key that starts with ``prefix``: the sizes come with
+        the LIST pages, no HEAD per object."""
         if prefix.startswith("/") or "\0" in prefix:
             raise ValueError(f"{self.url}: invalid list prefix {prefix!r}")
         base = f"{self.prefix}/" if self.prefix else ""
@@ -346,7 +352,7 @@ class S3Store:
 
             got = self._call("LIST", full or "(all)", page)
             for obj in got.get("Contents", ()) or ():
-                yield obj["Key"][len(base):]
+                yield obj["Key"][len(base):], int(obj.get("Size", 0) or 0)
             next_token = got.get("NextContinuationToken") if got.get("IsTruncated") else None
             if not next_token:
                 return

@@ -35,6 +35,8 @@ COMMANDS = {
     "mount": "imagefs.cli_mount", "umount": "imagefs.cli_mount", "unmount": "imagefs.cli_mount",
     "stats": "imagefs.cli_mount", "agent": "imagefs.cli_agent", "run": "imagefs.cli_run",
     "cache-server": "imagefs.cli_cache_server", "profile": "imagefs.cli_profile", "optimize": "imagefs.cli_profile",
+    "rm": "imagefs.cli_images", "rmi": "imagefs.cli_images", "tag": "imagefs.cli_images",
+    "gc": "imagefs.cli_images", "prune": "imagefs.cli_images",
 }
 
 
@@ -158,13 +160,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Domain errors that are the user's to fix: printed as one line, no traceback."""
     from cache.blobstore import BlobStoreError
     from cache.stores import StoreURLError
-    from indexer.catalog import ImageNotFound, InvalidImageName
+    from indexer.build import BuildError
+    from indexer.catalog import AmbiguousImage, ImageNotFound, InvalidImageName
     from indexer.format import IndexFormatError
     from indexer.layers import LayerError
     from indexer.sources import SourceError
 
     return (CLIError, BlobStoreError, StoreURLError, SourceError, LayerError, IndexFormatError, ImageNotFound,
-            InvalidImageName)
+            InvalidImageName, AmbiguousImage, BuildError)
 
 
 def configure_logging(level: int) -> None:

@@ -90,6 +90,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         auth=_auth_options(args),
         progress=progress_for(args.quiet),
     )
+    if not result.name:
+        print(f"imagefs: warning: {result.digest[:23]} has no name, so it is dangling (<none>) and the next "
+              "'imagefs gc' deletes it; name it with 'imagefs tag'", file=sys.stderr)
+    if result.replaced and result.name:
+        from imagefs.cli_images import moved_message
+
+        print(f"imagefs: {moved_message(store, result.name, result.replaced, result.digest)}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.__dict__, indent=2))
         return 0
@@ -113,7 +120,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     refs = list_images(_store(args))
     if args.json:
-        print(json.dumps([{"name": r.name, "digest": r.digest} for r in refs], indent=2))
+        print(json.dumps([{"name": r.name, "digest": r.digest, "source": r.origin.get("source")} for r in refs],
+                         indent=2))
         return 0
     if refs:
         width = max(len("NAME"), *(len(r.name or "<none>") for r in refs))
@@ -163,6 +171,11 @@ def inspect_figures(store: Any, image: str) -> dict[str, Any]:
     from indexer.catalog import list_images, open_image
 
     index = open_image(store, image)
+    refs = list_images(store)
+    names = [r for r in refs if r.name and r.digest == index.digest]
+    # Where the image came from is its names' (older indexes kept it in the index itself).
+    mine = next((r for r in names if r.name == image), names[0] if names else None)
+    origin = mine.origin if mine is not None else {}
     kinds: Counter[str] = Counter()
     content = 0
     for ino in range(1, index.n_inodes + 1):
@@ -176,18 +189,17 @@ def inspect_figures(store: Any, image: str) -> dict[str, Any]:
     mine = {c.digest for c in chunks}
     shared: set[bytes] = set()
     others = 0
-    for ref in list_images(store):
-        if ref.digest == index.digest:
-            continue
+    for digest in sorted({r.digest for r in refs if r.name} - {index.digest}):
         others += 1
-        other = open_image(store, ref.digest)
+        other = open_image(store, digest)
         shared |= mine & {c.digest for c in other.all_chunks()}
     shared_bytes = sum(c.clen for c in chunks if c.digest in shared)
     return {
         "profile": profile_figures(store, index),
         "digest": index.digest,
-        "source": index.meta.get("source"),
-        "manifest_digest": index.meta.get("manifest_digest"),
+        "names": [r.name for r in names],
+        "source": origin.get("source", index.meta.get("source")),
+        "manifest_digest": origin.get("manifest_digest", index.meta.get("manifest_digest")),
         "platform": "/".join(x for x in (index.meta.get("os"), index.meta.get("architecture"), index.meta.get("variant")) if x),
         "config": index.config,
         "inodes": index.n_inodes,
@@ -212,6 +224,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     dedup = f["content_bytes"] / f["unique_chunk_bytes"] if f["unique_chunk_bytes"] else 1.0
     print(f"Digest:        {f['digest']}")
+    print(f"Names:         {', '.join(f['names']) or '<none>'}")
     print(f"Source:        {f['source']}")
     print(f"Manifest:      {f['manifest_digest']}")
     print(f"Platform:      {f['platform']}")

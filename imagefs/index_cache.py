@@ -40,7 +40,7 @@ from cache.blobstore import BlobNotFound, BlobStore
 from cache.private import private_dir
 from imagefs import profile_cache
 from imagefs.erofs import host_copy as erofs_host_copy
-from indexer.catalog import ImageNotFound, index_key, resolve
+from indexer.catalog import ImageNotFound, index_key, is_full_digest, resolve
 from indexer.format import DIGEST_PREFIX, IndexFormatError, unseal
 from indexer.index import Index
 
@@ -71,11 +71,10 @@ def _hash(body: bytes | mmap.mmap) -> bytes:
 def load_index(store: BlobStore, image: str, cache_dir: str | None) -> Index:
     """The verified index of ``image`` (a name or digest), from ``cache_dir`` when it
     holds a good copy, else from the store (keeping a copy for next time)."""
-    if cache_dir and image.startswith(DIGEST_PREFIX):
-        digest = image
-        index_key(digest)  # refuses a malformed digest before it names a file
+    if cache_dir and is_full_digest(image):
+        digest = image  # a whole digest names its copy: the store need not be asked
     else:
-        digest = resolve(store, image)
+        digest = resolve(store, image)  # a name, or a short digest (one LIST of its prefix)
     path = _path(cache_dir, digest) if cache_dir else None
     if path:  # an index names every file of an image: its copies are root's (cache.private)
         with contextlib.suppress(OSError):  # one made by an older version is tightened here

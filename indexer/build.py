@@ -31,6 +31,7 @@ from indexer.chunker import DEFAULT_CHUNK_SIZE, DEFAULT_MEMORY_BUDGET, DEFAULT_R
 from indexer.format import encode, seal
 from indexer.index import Index
 from indexer.layers import apply_layer
+from indexer.leases import Lease
 from indexer.packer import load_known_chunks, start_packs
 from indexer.progress import NullProgress, Progress
 from indexer.sources import ImageSource, SourceError, open_source
@@ -39,7 +40,7 @@ from indexer.tree import Tree
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT_META = 1
+INDEX_FORMAT_META = 2  # 2: no source, manifest digest or layer blobs (they are the name's)
 # Image config keys a container run needs (OCI image spec, config.config).
 CONFIG_KEYS = ("User", "Env", "Entrypoint", "Cmd", "WorkingDir", "Labels", "ExposedPorts", "Volumes", "StopSignal")
 
@@ -59,19 +60,30 @@ class BuildResult:
     stored_bytes: int  # compressed bytes of new packs written
     index_bytes: int
     seconds: float
+    replaced: str | None = None  # the digest ``name`` pointed at before, if another
+
+
+class BuildError(Exception):
+    """The build cannot finish without risking an index that names missing packs."""
 
 
 def default_name(reference: str) -> str | None:
-    """A name for an image indexed without ``--name``, derived like skopeo's refs."""
+    """A name for an image indexed without ``--name``, as docker and skopeo name it:
+    ``docker://HOST/REPO:TAG`` keeps its registry host (Docker Hub's names are shortened
+    as docker shortens them: ``docker.io/library/debian:12`` is ``debian:12``); a pull by
+    digest is ``REPO@sha256:<hex>``; ``oci:DIR:TAG`` and ``docker-archive:FILE`` are named
+    after the directory or file."""
     if reference.startswith("docker://"):
-        rest = reference[len("docker://"):]
-        rest = rest.split("@", 1)[0]
-        host, _, repo = rest.partition("/")
-        if not repo:
+        from indexer.sources.registry import parse_reference
+
+        try:
+            ref = parse_reference(reference[len("docker://"):])
+        except SourceError:
             return None
-        if ":" not in repo.rsplit("/", 1)[-1]:
-            repo += ":latest"
-        return _sanitize(repo)
+        repo = f"{ref.host}/{ref.repo}"
+        if ref.digest and not ref.tag:
+            return _sanitize(f"{repo}@{ref.digest}")
+        return _sanitize(f"{repo}:{ref.tag or 'latest'}")
     if reference.startswith("oci:"):
         spec = reference[len("oci:"):]
         path, _, tag = spec.rpartition(":") if ":" in spec else (spec, "", "")
@@ -87,7 +99,8 @@ def default_name(reference: str) -> str | None:
 
 
 def _sanitize(name: str) -> str | None:
-    cleaned = re.sub(r"[^A-Za-z0-9._/:-]", "-", name).strip("-./:")
+    name, at, digest = name.partition("@")
+    cleaned = re.sub(r"[^A-Za-z0-9._/:-]", "-", name).strip("-./:") + (at + digest if at else "")
     try:
         return catalog.validate_name(cleaned)
     except catalog.InvalidImageName:
@@ -95,18 +108,20 @@ def _sanitize(name: str) -> str | None:
 
 
 def image_meta(source: ImageSource, chunk_size: int) -> dict[str, Any]:
+    """What the index records besides the tree: the run config and platform. Nothing
+    about how the image travelled (source reference, manifest digest, compressed layer
+    digests and media types): those differ between an ``oci:`` zstd copy and a
+    ``docker://`` gzip copy of the same image, and the digest must not (see
+    :mod:`indexer.catalog`); they are kept with the name, by :func:`origin_of`."""
     cfg = source.config
     inner = cfg.get("config") or {}
     return {
         "meta_version": INDEX_FORMAT_META,
-        "source": source.reference,
-        "manifest_digest": source.manifest_digest,
         "architecture": cfg.get("architecture"),
         "os": cfg.get("os"),
         "variant": cfg.get("variant"),
         "created": cfg.get("created"),
         "config": {k: inner[k] for k in CONFIG_KEYS if inner.get(k) is not None},
-        "layers": [{"digest": l.digest, "size": l.size, "media_type": l.media_type} for l in source.layers],
         "chunk_size": chunk_size,
     }
 
@@ -123,6 +138,16 @@ def _put_erofs_metadata(store: BlobStore, body: bytes, digest: str) -> None:
         log.info("no EROFS metadata for %s: %s", digest, e)
         return
     store.put(erofs_store.metadata_key(digest), meta)
+
+
+def origin_of(source: ImageSource) -> dict[str, Any]:
+    """Where an image was indexed from, kept in the reference of the name it got."""
+    return {
+        "source": source.reference,
+        "manifest_digest": source.manifest_digest,
+        "diff_ids": list((source.config.get("rootfs") or {}).get("diff_ids") or []),
+        "layers": [{"digest": l.digest, "size": l.size, "media_type": l.media_type} for l in source.layers],
+    }
 
 
 @contextmanager
@@ -184,11 +209,21 @@ def _build(
     start = time.monotonic()
     progress = progress or NullProgress()
     if name:
-        catalog.validate_name(name)
+        name = catalog.validate_name(name)
     store.check()
     src = open_source(source, platform=platform, insecure=insecure, auth=auth) if isinstance(source, str) else source
     if name is None:
         name = default_name(src.reference)
+    # The lease is taken before the store's tables of contents are read and held until
+    # the name is written: until then, only the lease tells garbage collection that
+    # this build may name packs no index names yet (see indexer.leases, indexer.gc).
+    lease = Lease(store, f"index {src.reference}")
+    try:
+        lease.__enter__()
+    except BaseException:
+        src.close()
+        progress.close()
+        raise
     try:
         progress.phase("reading store")
         known = load_known_chunks(store)
@@ -226,13 +261,15 @@ def _build(
                 stored = packs.written
 
         progress.phase("writing index")
+        if lease.lapsed():
+            _check_packs_present(store, body_packs(blob, digest))
         _put_erofs_metadata(store, body, digest)
         catalog.put_index(store, digest, blob)
-        if name:
-            catalog.set_ref(store, name, digest)
+        replaced = catalog.set_ref(store, name, digest, origin_of(src)) if name else None
     except EOFError as e:
         raise SourceError(f"{src.reference}: {e}") from e
     finally:
+        lease.__exit__(None, None, None)
         src.close()
         progress.close()
 
@@ -250,4 +287,22 @@ def _build(
         stored_bytes=stored,
         index_bytes=len(blob),
         seconds=time.monotonic() - start,
+        replaced=replaced,
     )
+
+
+def body_packs(blob: bytes, digest: str) -> list[str]:
+    """The pack keys a sealed index names."""
+    from indexer.index import Index
+
+    return Index.from_blob(blob, digest).pack_keys()
+
+
+def _check_packs_present(store: BlobStore, keys: list[str]) -> None:
+    """Before writing an index whose build lost its lease: every pack it names must
+    still be in the store (garbage collection may have judged the build dead)."""
+    missing = [k for k in keys if not store.exists(k)]
+    if missing:
+        raise BuildError(f"{store.url}: this build could not renew its lease and {len(missing)} pack(s) it "
+                         f"reuses were deleted meanwhile ({', '.join(missing[:3])}); nothing was named: "
+                         "index the image again")

@@ -210,6 +210,10 @@ class Index:
             key = self._pack_keys[pack_no] = pack_key(digest)
         return key
 
+    def pack_keys(self) -> list[str]:
+        """The blob keys of every pack the index names (what garbage collection keeps)."""
+        return [self.pack_key(i) for i in range(self._h.n_packs)]
+
     def chunk(self, chunk_no: int) -> ChunkRef:
         digest, pack, offset, clen, ulen = CHUNK.unpack_from(self._body, self._h.chunks_off + chunk_no * CHUNK.size)
         return ChunkRef(digest, self.pack_key(pack), offset, clen, ulen)

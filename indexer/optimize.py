@@ -27,6 +27,7 @@ from cache.chunk import ChunkRef, CorruptChunk, check_frame, digest_of
 from cache.stream import Span, plan_spans
 from indexer import profile as profiles
 from indexer.index import Index, pack_key
+from indexer.leases import Lease
 
 # A startup pack is at most this big: large enough that a replay needs a handful of
 # reads, small enough that a failed upload costs little to redo.
@@ -97,8 +98,16 @@ def optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, force
     """Write startup packs for ``profile`` (of ``index``) and save the laid-out profile.
 
     The packs are written (and durable) before the profile that names them, so a
-    reader never finds a profile whose packs are missing.
+    reader never finds a profile whose packs are missing. A lease is held from before
+    the first read to after the profile is saved: until then nothing names the new
+    startup packs (see :mod:`indexer.leases`).
     """
+    with Lease(store, f"optimize {index.digest}"):
+        return _optimize(store, index, profile, force=force, pack_size=pack_size, on_bytes=on_bytes)
+
+
+def _optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, force: bool,
+              pack_size: int, on_bytes: Callable[[int], None] | None) -> OptimizeResult:
     t0 = time.monotonic()
     profiles.check_against(profile, index)
     image_bytes = sum(r.clen for r in index.all_chunks())

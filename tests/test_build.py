@@ -18,7 +18,7 @@ import pytest
 
 from cache.localstore import LocalStore
 from indexer.build import build_image
-from indexer.catalog import list_images, open_image
+from indexer.catalog import list_images, open_image, read_ref
 from tests.support.chunks import dir_snapshot
 from tests.support.images import write_docker_archive, write_oci_layout
 from tests.support.indexed import file_bytes, index_entries
@@ -38,7 +38,9 @@ def test_oci_layout_index_matches_reference(tmp_path, compression: str) -> None:
     index = open_image(store, "features")
     assert index.digest == result.digest
     assert index_entries(index, store) == reference_tree(layers)
-    assert index.meta["manifest_digest"] == digest
+    assert "manifest_digest" not in index.meta and "source" not in index.meta  # how it travelled: the name's
+    origin = read_ref(store, "features").origin  # type: ignore[union-attr]
+    assert origin["manifest_digest"] == digest and origin["source"] == f"oci:{tmp_path / 'layout'}:latest"
     assert index.config["Env"] == CONFIG["Env"] and index.config["User"] == "1000:1000"
     assert index.config["WorkingDir"] == "/srv" and index.config["Labels"] == {"org.example": "yes"}
 
@@ -62,8 +64,31 @@ def test_registry_index_matches_reference(tmp_path, registry) -> None:  # type: 
     )
     store = LocalStore(str(tmp_path / "store"))
     result = build_image(f"docker://{registry.host}/test/features:v1", store)
-    assert result.name == "test/features:v1"
-    assert index_entries(open_image(store, "test/features:v1"), store) == reference_tree(layers)
+    assert result.name == f"{registry.host}/test/features:v1"  # the registry host stays in the name
+    assert index_entries(open_image(store, f"{registry.host}/test/features:v1"), store) == reference_tree(layers)
+
+
+def test_one_image_one_digest_whatever_the_source(tmp_path, registry) -> None:  # type: ignore[no-untyped-def]
+    """The same image from oci: zstd, oci: gzip, docker-archive: and docker:// (gzip) is one index
+    in a store: the digest covers what the mount serves; where each name came from is kept with it."""
+    layers = feature_layers()
+    zstd = write_oci_layout(str(tmp_path / "zstd"), layers, CONFIG, compression="zstd")
+    gzip = write_oci_layout(str(tmp_path / "gzip"), layers, CONFIG, compression="gzip")
+    assert zstd != gzip  # different manifests, different layer blobs
+    write_docker_archive(str(tmp_path / "saved.tar"), layers, CONFIG)
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{tmp_path / 'gzip'}:latest",
+                    f"docker://{registry.host}/same/img:gz"], check=True)
+    store = LocalStore(str(tmp_path / "store"))
+    sources = [f"oci:{tmp_path / 'zstd'}:latest", f"oci:{tmp_path / 'gzip'}:latest",
+               f"docker-archive:{tmp_path / 'saved.tar'}", f"docker://{registry.host}/same/img:gz"]
+    results = [build_image(src, store, f"n{i}") for i, src in enumerate(sources)]
+    assert len({r.digest for r in results}) == 1, [r.digest for r in results]
+    assert results[0].new_chunks > 0 and all(r.new_chunks == 0 for r in results[1:])
+    assert [r.name for r in list_images(store)] == ["n0", "n1", "n2", "n3"]  # no <none>: one index
+    assert [read_ref(store, f"n{i}").origin["source"] for i in range(4)] == sources  # type: ignore[union-attr]
+    # A second store laid out the same way gets the same digest too: the index is a function of the tree.
+    other = LocalStore(str(tmp_path / "other"))
+    assert build_image(sources[3], other, "x").digest == results[0].digest
 
 
 def test_s3_store_round_trip(tmp_path, seaweed) -> None:  # type: ignore[no-untyped-def]

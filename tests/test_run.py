@@ -47,6 +47,16 @@ def test_image_defaults_user_workdir_env(host: RunHost) -> None:
     assert host.leftovers() == []
 
 
+def test_run_takes_a_short_digest(host: RunHost) -> None:
+    from indexer.catalog import resolve
+
+    digest = resolve(LocalStore(host.store), "busybox:test")
+    res = host.run("blake3:" + digest[7:15], "--", "echo by-digest")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.decode().split() == ["by-digest"]
+    assert host.leftovers() == []
+
+
 def test_output_env_cwd_and_exit_status_pass_through(host: RunHost) -> None:
     res = host.run(
         "-e", "FOO=bar", "-w", "/tmp", "-u", "root", "busybox:test", "--",
