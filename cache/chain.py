@@ -30,8 +30,21 @@ The shape follows from the physics in DESIGN.md:
 - A demand fetch asks a remote tier for the chunk and at most
   :data:`REMOTE_DEMAND_BYTES` of its neighbours, not the blob store's whole range:
   at ~1 ms a round trip costs less than carrying neighbours ahead of time.
-- Blob-store errors are retried with exponential backoff; after that the get raises
-  :class:`ChunkUnavailable`, naming the chunk.
+- Every demand get has a deadline (``deadline``, seconds; a mount's ``--read-timeout``):
+  past it the get raises :class:`ChunkUnavailable` naming the chunk, whatever the tiers
+  below are doing, and the fetch it started is given up at its own deadline too (its
+  worker thread is abandoned, never waited for). Retries happen once, where the fault is
+  understood: a store that retries its own calls (``retries_itself``: the S3 store, with
+  its budget per call set from the same deadline) gets one call per fetch; others get
+  :attr:`retries` more, with exponential backoff, all inside the deadline. A stalled
+  store therefore costs a reader the deadline, not attempts x timeouts x retries.
+- A chunk whose fetch failed slowly (after ``failure_hold`` seconds or more: a stall, not
+  a quick "not found") fails again at once for the next ``failure_hold`` seconds. Why:
+  when a FUSE readahead fails, the kernel reads the first page again at once, with a
+  synchronous request that a SIGKILLed reader cannot leave (pyfuse3 cannot answer
+  FUSE_INTERRUPT); a second wait of the whole deadline there would double the reader's
+  wait (measured: EIO after 6 s instead of 3 with a 3 s deadline) and make it unkillable
+  for the second half.
 - Fills go upward: what came from below is put in memory at once and queued for the
   SSD, which one background task writes in batches (write-behind, so a reader never
   waits for a disk write; if the queue is over its byte bound, the SSD copy is skipped).
@@ -81,6 +94,12 @@ BUDGET_RECHECK_S = 0.5
 # is the herd again (a server killed 1 s into a burst of 8 hosts and restarted 4 s
 # later: the store sent 6.6 copies of the image when prefetches used the budget too).
 BACKGROUND_GRACE_S = 30.0
+# The most a demand get waits, seconds (a mount's --read-timeout): see the module docstring.
+DEFAULT_DEADLINE = 30.0
+# A fetch that failed after this many seconds fails again at once for as long.
+FAILURE_HOLD = 1.0
+# Failures remembered at most (a failing store can fail every chunk of an image).
+MAX_FAILURES_HELD = 4096
 
 
 class ChunkUnavailable(ChunkError):
@@ -147,7 +166,10 @@ class ChunkChain:
                  max_prefetches: int = 4, retries: int = 3, backoff: float = 0.05,
                  remote_timeout: float = 2.0, ssd_readers: int = 8,
                  max_fill_pending: int = 128 << 20, max_stream_threads: int = 8,
-                 store_budget: StoreBudget | None = None) -> None:
+                 store_budget: StoreBudget | None = None, deadline: float = DEFAULT_DEADLINE,
+                 failure_hold: float = FAILURE_HOLD) -> None:
+        if deadline <= 0:
+            raise ValueError(f"deadline must be a positive number of seconds, not {deadline!r}")
         self.blob = blob
         self.ssd = ssd
         self.memory = memory
@@ -161,6 +183,10 @@ class ChunkChain:
         self.store_budget = (store_budget or StoreBudget()) if self.remote_tiers else None
         self.background_grace = BACKGROUND_GRACE_S
         self._background_held = 0
+        self.deadline = deadline
+        self.failure_hold = failure_hold
+        # digest -> (trio time until which it fails at once, why): see the module docstring.
+        self._failed: dict[bytes, tuple[float, str]] = {}
         self.max_fill_pending = max_fill_pending
         self._demand = trio.CapacityLimiter(max_fetches)
         self._prefetch = trio.CapacityLimiter(max_prefetches)
@@ -201,6 +227,13 @@ class ChunkChain:
         return await self._get_cold(ref, neighbours)
 
     async def _get_cold(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
+        with trio.move_on_after(self.deadline):
+            return await self._get_cold_until(ref, neighbours)
+        reason = f"no tier answered within {self.deadline:g} s"
+        self._hold_failure(ref.digest, reason)
+        raise ChunkUnavailable(ref, reason)
+
+    async def _get_cold_until(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
         d = ref.digest
         while True:
             data = self._fill_pending.get(d)
@@ -211,6 +244,11 @@ class ChunkChain:
                 return data
             flight = self._inflight.get(d)
             if flight is None:
+                failed = self._failed.get(d)
+                if failed is not None:
+                    if failed[0] > trio.current_time():
+                        raise ChunkUnavailable(ref, failed[1])
+                    del self._failed[d]
                 if self.tracker is not None:
                     self.tracker.cold(d)
                 flight = self._inflight[d] = _Flight(primary=True)
@@ -234,11 +272,17 @@ class ChunkChain:
     async def _run_demand(self, ref: ChunkRef, neighbours: Sequence[ChunkRef], flight: _Flight) -> None:
         self.demand_cold += 1
         self._demand_active += 1
+        started = trio.current_time()
         try:
-            flight.data = await self._load(ref, neighbours)
+            with trio.move_on_after(self.deadline):
+                flight.data = await self._load(ref, neighbours)
+            if flight.data is None:
+                raise ChunkUnavailable(ref, f"no tier answered within {self.deadline:g} s")
         except ChunkUnavailable as e:
             self._unavailable += 1
             flight.error = e
+            if trio.current_time() - started >= self.failure_hold:
+                self._hold_failure(ref.digest, e.reason)
         except Exception as e:  # never let a bug kill the trio run (and the mount)
             log.exception("fetching %s", ref)
             self._unavailable += 1
@@ -251,6 +295,17 @@ class ChunkChain:
             if not self._demand_active and self._demand_idle is not None:
                 self._demand_idle.set()
                 self._demand_idle = None
+
+    def _hold_failure(self, digest: bytes, reason: str) -> None:
+        if self.failure_hold <= 0:
+            return
+        if len(self._failed) >= MAX_FAILURES_HELD:
+            now = trio.current_time()
+            self._failed = {k: v for k, v in self._failed.items() if v[0] > now}
+            if len(self._failed) >= MAX_FAILURES_HELD:
+                self._failed.pop(next(iter(self._failed)))
+        self._failed[digest] = (trio.current_time() + self.failure_hold, f"{reason} (failed again at once: "
+                                f"a new attempt is made {self.failure_hold:g} s after a failure)")
 
     async def wait_for_no_demand(self) -> None:
         """Return when no demand get is fetching below memory."""
@@ -346,12 +401,17 @@ class ChunkChain:
             if ref.digest in got:
                 return got
         last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        # One place retries: a store that retries its own calls gets one call (see the module docstring).
+        attempts = 1 if getattr(self.blob.store, "retries_itself", False) else self.retries + 1
+        for attempt in range(attempts):
             if attempt:
                 self._retries += 1
                 await trio.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                more = await trio.to_thread.run_sync(self.blob.fetch, ref, run, limiter=self._threads)
+                # Abandoned, not waited for, when the deadline passes: the store's own
+                # timeouts end the thread later; its result is dropped.
+                more = await trio.to_thread.run_sync(self.blob.fetch, ref, run, limiter=self._threads,
+                                                     abandon_on_cancel=True)
             except CorruptChunk as e:
                 raise ChunkUnavailable(ref, str(e)) from e
             except (BlobStoreError, OSError) as e:
@@ -362,7 +422,7 @@ class ChunkChain:
             for k, v in more.items():
                 got.setdefault(k, v)
             return got
-        raise ChunkUnavailable(ref, f"blob store failed {self.retries + 1} times: {last}") from last
+        raise ChunkUnavailable(ref, f"blob store failed {attempts} time{'s' if attempts > 1 else ''}: {last}") from last
 
     async def _through_remote(self, ref: ChunkRef, wanted: Sequence[ChunkRef], background: bool) -> dict[bytes, bytes]:
         """What the remote tiers have of ``wanted``. If they lack ``ref``, return only once
@@ -672,7 +732,8 @@ class ChunkChain:
             self._fetches += 1
             for attempt in range(2):
                 try:
-                    more, nbytes = await trio.to_thread.run_sync(self.blob.fetch_span, rest, limiter=self._threads)
+                    more, nbytes = await trio.to_thread.run_sync(self.blob.fetch_span, rest, limiter=self._threads,
+                                                                 abandon_on_cancel=True)
                 except (BlobStoreError, OSError) as e:
                     if attempt:
                         raise ChunkUnavailable(rest[0], f"blob store: {e}") from e

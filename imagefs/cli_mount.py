@@ -35,6 +35,10 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--read-ahead", metavar="KB", type=int, default=None,
                    help="the kernel's readahead window for the mount, in KiB (also the window read around a "
                    "page fault in a mapped file; default: see imagefs/readahead.py)")
+    g.add_argument("--read-timeout", metavar="SECONDS", type=float, default=None,
+                   help="the most a read waits for file data, every tier and retry included, before it fails "
+                   "with EIO (the mount's log names the file and chunk); a stalled store costs a reader this "
+                   "long (default: 30)")
     g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
                    help="a cache server in this zone (repeatable)")
     g.add_argument("--store-budget", metavar="N[,RATE]", type=_budget_arg, default=None,
@@ -98,6 +102,12 @@ def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
         raise CLIError("--read-ahead must be a number of KiB, 0 or more", code=2)
     if args.prefetch_rate is not None:
         opts.prefetch_rate = args.prefetch_rate
+    if args.read_timeout is not None:
+        if not args.read_timeout > 0:
+            from imagefs.cli import CLIError
+
+            raise CLIError("--read-timeout must be a positive number of seconds", code=2)
+        opts.read_timeout = args.read_timeout
     if args.cache_size is not None:
         opts.cache_size = args.cache_size
     if args.memory_size is not None:

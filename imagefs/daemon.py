@@ -51,7 +51,7 @@ def _open_image(image: str, opts: MountOptions) -> tuple[Any, Any]:
     from indexer.format import IndexFormatError
 
     try:
-        store = open_store(opts.store, s3_endpoint=opts.s3_endpoint)
+        store = open_store(opts.store, s3_endpoint=opts.s3_endpoint, call_timeout=opts.read_timeout)
         if opts.az_cache:  # the index through the zone's servers: read from the store once per zone
             from cache.azclient import parse_servers
             from cache.zoneblobs import ZoneBlobStore
@@ -97,7 +97,7 @@ def _open_reader(store: Any, opts: MountOptions) -> tuple[Any, Any]:
                 ssd.close()
             raise MountError(f"--az-cache {','.join(opts.az_cache)}: {e}") from e
     return ChunkChain(BlobTier(store), ssd, MemoryTier(opts.memory_size), remote_tiers=remote,
-                      store_budget=budget), ssd
+                      store_budget=budget, deadline=opts.read_timeout), ssd
 
 
 def fault_hook_from_env() -> Callable[[str], None] | None:
@@ -152,7 +152,8 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
             ssd.close()
         _write_ready(ready_fd, ERROR_PREFIX + str(e).encode() + b"\n")
         raise MountError(str(e)) from e
-    fs = kernel.filesystem(reader, image) if kernel is not None else VFS(index, reader, name=image)
+    fs = (kernel.filesystem(reader, image, opts.read_timeout) if kernel is not None
+          else VFS(index, reader, name=image, read_timeout=opts.read_timeout))
     recorder = None
     if opts.record:
         from imagefs.recorder import Recorder

@@ -52,6 +52,8 @@ ERROR_PREFIX = b"error: "
 # (comma-separated operation names): the test hook for the EIO-not-crash path.
 FAULT_ENV = "IMAGEFS_FAULT_OPS"
 CACHE_SECRET_ENV = "IMAGEFS_CACHE_SECRET"
+# Seconds a read waits for file data before EIO (the chain's deadline: cache.chain).
+DEFAULT_READ_TIMEOUT = 30.0
 
 
 class MountError(Exception):
@@ -99,7 +101,9 @@ class MountOptions:
     """How to serve a mount: where chunks come from and how much may be cached.
 
     ``cache_size`` 0 disables the SSD tier; ``az_cache`` lists the zone's cache servers
-    (``host:port``), asked before the blob store. ``fs`` is how the tree is served:
+    (``host:port``), asked before the blob store. ``read_timeout`` is the most one read
+    waits for file data (every tier tried, retries included) before it fails with EIO
+    naming the chunk. ``fs`` is how the tree is served:
     ``erofs`` (the kernel's EROFS over imagefs's metadata, file data through FUSE:
     :mod:`imagefs.erofs`), ``fuse`` (every request through FUSE) or ``auto`` (EROFS
     where this kernel can, else FUSE); ``store_budget`` (``"BURST[,PER_S]"``, None: the
@@ -109,14 +113,14 @@ class MountOptions:
 
     __slots__ = ("store", "s3_endpoint", "cache_dir", "cache_size", "memory_size", "az_cache", "prefetch", "fs",
                  "replay", "record", "record_quiet_s", "record_max_s", "record_merge", "read_ahead_kb",
-                 "store_budget", "prefetch_rate")
+                 "store_budget", "prefetch_rate", "read_timeout")
 
     def __init__(self, store: str | None = None, s3_endpoint: str | None = None, cache_dir: str | None = None,
                  cache_size: int = 10 * GiB, memory_size: int = 512 * MiB, az_cache: list[str] | None = None,
                  prefetch: bool = True, fs: str = "auto", replay: bool = True, record: bool = False,
                  record_quiet_s: float = 10.0, record_max_s: float = 300.0, record_merge: bool = True,
                  read_ahead_kb: int | None = None, store_budget: str | None = None,
-                 prefetch_rate: int = 64 * MiB) -> None:
+                 prefetch_rate: int = 64 * MiB, read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
         self.store = store
         self.s3_endpoint = s3_endpoint
         self.cache_dir = cache_dir
@@ -135,6 +139,9 @@ class MountOptions:
         self.read_ahead_kb = read_ahead_kb  # the kernel's readahead window (None: imagefs.readahead's default)
         self.prefetch_rate = prefetch_rate  # bytes/s of the rest of the image after a profile (0: no bound)
         self.store_budget = store_budget
+        if not read_timeout > 0:
+            raise ValueError(f"read_timeout must be a positive number of seconds, not {read_timeout!r}")
+        self.read_timeout = float(read_timeout)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
