@@ -194,7 +194,7 @@ class ChunkChain:
         # Our own thread budget: the limiters above bound it, so it never makes anyone wait.
         self._threads = trio.CapacityLimiter(max_fetches + max_prefetches + ssd_readers + max_stream_threads + 1)
         self._inflight: dict[bytes, _Flight] = {}
-        self._fill_queue: deque[tuple[ChunkRef, bytes]] = deque()
+        self._fill_queue: deque[tuple[ChunkRef, bytes, bool]] = deque()  # (ref, bytes, for background work)
         self._fill_pending: dict[bytes, bytes] = {}
         self._fill_room: trio.Event | None = None  # set when the write-behind queue has room again
         self._fill_bytes = 0
@@ -212,6 +212,10 @@ class ChunkChain:
         self._demand_active = 0
         self._demand_idle: trio.Event | None = None
         self._prefetched = self._prefetch_failed = self._fill_dropped = 0
+        # Write-behind outcomes: chunks the SSD tier holds after their write, or not
+        # (a full or broken disk); the background_ ones are fills of prefetches and streams.
+        self._stored = self._store_failed = 0
+        self.background_stored = self.background_store_failed = 0
 
     # ---- demand ------------------------------------------------------------------
 
@@ -513,7 +517,7 @@ class ChunkChain:
         if may_drop and self._fill_bytes + len(data) > self.max_fill_pending:
             self._fill_dropped += 1
             return
-        self._fill_queue.append((ref, data))
+        self._fill_queue.append((ref, data, not may_drop))
         self._fill_pending[ref.digest] = data
         self._fill_bytes += len(data)
         if not self._filler_running:
@@ -524,21 +528,25 @@ class ChunkChain:
         assert self.ssd is not None
         try:
             while self._fill_queue:
-                batch: list[tuple[ChunkRef, bytes]] = []
+                batch: list[tuple[ChunkRef, bytes, bool]] = []
                 nbytes = 0
                 while self._fill_queue and len(batch) < FILL_BATCH_CHUNKS and nbytes < FILL_BATCH_BYTES:
                     item = self._fill_queue.popleft()
                     batch.append(item)
                     nbytes += len(item[1])
+                held: set[bytes] = set()
                 try:
-                    await trio.to_thread.run_sync(self.ssd.put_many, batch, limiter=self._threads)
-                except Exception as e:
-                    log.warning("ssd tier: write-behind of %d chunks failed: %r", len(batch), e)
-                    self.ssd.counters.add(errors=1)
+                    held = await trio.to_thread.run_sync(self._write_batch, batch, limiter=self._threads)
                 finally:
-                    for r, data in batch:
+                    for r, data, background in batch:
                         if self._fill_pending.pop(r.digest, None) is not None:
                             self._fill_bytes -= len(data)
+                        ok = r.digest in held
+                        self._stored += ok
+                        self._store_failed += not ok
+                        if background:
+                            self.background_stored += ok
+                            self.background_store_failed += not ok
                     if self._fill_room is not None and self._fill_bytes <= self.max_fill_pending // 2:
                         self._fill_room.set()
                         self._fill_room = None
@@ -550,6 +558,22 @@ class ChunkChain:
             if self._fill_idle is not None:
                 self._fill_idle.set()
                 self._fill_idle = None
+
+    def _write_batch(self, batch: Sequence[tuple[ChunkRef, bytes, bool]]) -> set[bytes]:
+        """(worker thread) Write ``batch`` to the SSD tier; the digests it holds after."""
+        assert self.ssd is not None
+        try:
+            stored = self.ssd.put_many([(r, data) for r, data, _bg in batch])
+        except Exception as e:
+            log.warning("ssd tier: write-behind of %d chunks failed: %r", len(batch), e)
+            self.ssd.counters.add(errors=1)
+            stored = -1
+        if stored == len(batch):
+            return {r.digest for r, _data, _bg in batch}
+        try:  # some were already there, or did not fit: ask
+            return self.ssd.contains_many(r.digest for r, _data, _bg in batch)
+        except Exception:
+            return set()
 
     async def _wait_for_fill_room(self) -> None:
         while self.ssd is not None and self._fill_bytes > self.max_fill_pending // 2:
@@ -766,6 +790,7 @@ class ChunkChain:
             fill_dropped=self._fill_dropped,
             direct_reads=budget.taken if budget else 0,
             direct_waits=(budget.waited if budget else 0) + self._background_held,
+            stored=self._stored, store_failed=self._store_failed,
         )
 
 

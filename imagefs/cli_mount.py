@@ -224,7 +224,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"replay: {rp['state']}{detail}")
     pf = stats.get("prefetch")
     if pf:
-        counts = f": {pf.get('fetched', 0)} of {pf.get('planned', 0)} planned chunks fetched" if pf.get("planned") else ""
+        counts = ""
+        if pf.get("planned"):
+            counts = (f": {pf.get('fetched', 0)} of {pf.get('planned', 0)} planned chunks fetched, "
+                      f"{pf.get('stored', 0)} stored on the SSD, {pf.get('failed', 0)} failed")
         lines.append(f"prefetch: {pf['state']}{counts}")
     rec = stats.get("record")
     if rec:

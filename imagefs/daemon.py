@@ -274,7 +274,7 @@ class _Daemon:
                                  rate=self.prefetch_rate)
         except Exception:  # background fetching is an optimisation: it must never take the mount down
             for s in (progress, status):
-                if s is not None and s.state not in ("done", "none", "refused"):
+                if s is not None and s.state not in ("done", "incomplete", "none", "refused"):
                     s.state = "failed"
             log.exception("background fetching failed")
 

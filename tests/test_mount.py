@@ -403,7 +403,8 @@ def test_prefetch_brings_the_image_to_the_ssd_tier_in_the_background(env: str, s
             assert time.monotonic() < deadline, query_stats(m.path)
             time.sleep(0.05)
         stats = query_stats(m.path)
-        assert stats["prefetch"] == {"state": "done", "planned": index.n_chunks, "fetched": index.n_chunks}
+        n = index.n_chunks
+        assert stats["prefetch"] == {"state": "done", "planned": n, "fetched": n, "stored": n, "failed": 0}
         assert stats["cache"]["prefetched"] == index.n_chunks
         before = stats["cache"]["tiers"]["blob"]["requests"]
         for i, data in enumerate(PAR):  # nothing was read yet; now everything is local
