@@ -505,9 +505,12 @@ def _remove_stale(paths: RunPaths) -> None:
 def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
     """Unmount an imagefs mount (lazily if it is busy) and wait for its daemon to exit.
 
-    A daemon still running ``timeout`` s after a clean unmount is terminated: the mount
-    lives on only as a copy in another mount namespace (a container or ``unshare -m``
-    started while it was mounted), which keeps the FUSE session open.
+    A busy mount is detached lazily and this returns at once: its daemon serves the
+    files still open and exits with the last of them (waiting for it was ``timeout``
+    seconds of nothing, every time). A daemon still running ``timeout`` s after a clean
+    unmount is terminated: the mount lives on only as a copy in another mount namespace
+    (a container or ``unshare -m`` started while it was mounted), which keeps the FUSE
+    session open.
 
     An EROFS mount goes first, then the private FUSE mount of its blob; the blob's
     FUSE session (and so the daemon) ends when the kernel lets go of the blob file,
@@ -534,10 +537,10 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
         blob = paths.beside(".blob")
         if is_mountpoint(blob) and not _fuse_unmount(blob)[0]:
             _fuse_unmount(blob, lazy=True)  # the blob is still open (a lazily detached EROFS)
+    if lazy:
+        return  # the daemon exits when the last open file is closed
     if pid is None or _wait_exit(pid, timeout):
         _remove_stale(paths)  # the daemon removes them itself, unless it was killed
-        return
-    if lazy:
         return
     _log().warning("%s: daemon %d still running %gs after unmount; terminating it (stacks in its log)",
                 mountpoint, pid, timeout)

@@ -558,6 +558,26 @@ def test_a_killed_daemon_leaves_a_dead_mount_that_umount_removes(env: str, store
         assert os.path.getsize(_p(m, "big")) == len(BIG)
 
 
+@pytest.mark.parametrize("fs", FS_MODES)
+def test_umount_of_a_busy_mount_detaches_it_and_returns_at_once(env: str, store: str, fs: str) -> None:
+    """Issue 12: it waited ~10 s for a daemon that serves the open files until they close."""
+    from imagefs.mount import unmount
+
+    mp = os.path.join(env, "mnt-busy")
+    with mounted("main", mp, _opts(env, store, "busy", fs)) as m:
+        with open(_p(m, "big"), "rb") as f:
+            t0 = time.monotonic()
+            unmount(mp)
+            assert time.monotonic() - t0 < 5
+            assert not is_mounted(mp)  # detached: no new user can reach it
+            assert f.read() == BIG  # the open file is still served
+            assert os.path.exists(f"/proc/{m.pid}")
+        deadline = time.monotonic() + 10  # and the daemon goes with the last open file
+        while os.path.exists(f"/proc/{m.pid}") and open(f"/proc/{m.pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the daemon outlived its last open file"
+            time.sleep(0.05)
+
+
 # -- the command --------------------------------------------------------------------------
 
 
