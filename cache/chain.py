@@ -38,8 +38,8 @@ The shape follows from the physics in DESIGN.md:
   its budget per call set from the same deadline) gets one call per fetch; others get
   :attr:`retries` more, with exponential backoff, all inside the deadline. A stalled
   store therefore costs a reader the deadline, not attempts x timeouts x retries.
-- A chunk whose fetch failed slowly (after ``failure_hold`` seconds or more: a stall, not
-  a quick "not found") fails again at once for the next ``failure_hold`` seconds. Why:
+- A chunk whose fetch ran out of time (the deadline: a stalled tier, not an error it
+  answered) fails again at once for the next ``failure_hold`` seconds. Why:
   when a FUSE readahead fails, the kernel reads the first page again at once, with a
   synchronous request that a SIGKILLed reader cannot leave (pyfuse3 cannot answer
   FUSE_INTERRUPT); a second wait of the whole deadline there would double the reader's
@@ -96,7 +96,7 @@ BUDGET_RECHECK_S = 0.5
 BACKGROUND_GRACE_S = 30.0
 # The most a demand get waits, seconds (a mount's --read-timeout): see the module docstring.
 DEFAULT_DEADLINE = 30.0
-# A fetch that failed after this many seconds fails again at once for as long.
+# A fetch that ran out of time fails again at once for this many seconds.
 FAILURE_HOLD = 1.0
 # Failures remembered at most (a failing store can fail every chunk of an image).
 MAX_FAILURES_HELD = 4096
@@ -276,17 +276,15 @@ class ChunkChain:
     async def _run_demand(self, ref: ChunkRef, neighbours: Sequence[ChunkRef], flight: _Flight) -> None:
         self.demand_cold += 1
         self._demand_active += 1
-        started = trio.current_time()
         try:
             with trio.move_on_after(self.deadline):
                 flight.data = await self._load(ref, neighbours)
             if flight.data is None:
+                self._hold_failure(ref.digest, f"no tier answered within {self.deadline:g} s")
                 raise ChunkUnavailable(ref, f"no tier answered within {self.deadline:g} s")
         except ChunkUnavailable as e:
             self._unavailable += 1
             flight.error = e
-            if trio.current_time() - started >= self.failure_hold:
-                self._hold_failure(ref.digest, e.reason)
         except Exception as e:  # never let a bug kill the trio run (and the mount)
             log.exception("fetching %s", ref)
             self._unavailable += 1
