@@ -552,6 +552,39 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
         raise MountError(f"{mountpoint}: unmounted, but daemon {pid} did not exit")
 
 
+class MountHealth(namedtuple("MountHealth", "alive restarts problem")):
+    """Whether a mount still serves (``problem`` says why not), and how many times its
+    server was replaced (imagefs.supervisor; None if its daemon does not answer)."""
+
+    __slots__ = ()
+    alive: bool
+    restarts: int | None
+    problem: str
+
+
+def mount_health(mountpoint: str) -> MountHealth:
+    """How the imagefs mount at ``mountpoint`` is doing: gone, dead (ENOTCONN), or alive,
+    with its server's restart count. For an EROFS mount, its blob's FUSE mount is what
+    serves file data, so that is what is checked."""
+    mp = os.path.realpath(mountpoint)
+    info = mount_at(mp)
+    if info is None:
+        return MountHealth(False, None, "it is no longer mounted")
+    paths = RunPaths.of(mp)
+    serving = paths.beside(".blob") if info.fstype == EROFS_FSTYPE else mp
+    if info.fstype == EROFS_FSTYPE and not is_mountpoint(serving):
+        return MountHealth(False, None, "its file data is no longer mounted")
+    try:  # opening a directory is never answered from the kernel's caches
+        os.close(os.open(serving, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as e:
+        return MountHealth(False, None, f"its daemon is gone ({e.strerror})")
+    try:
+        restarts = int(query_stats(mp, timeout=2.0).get("restarts", 0))
+    except (MountError, ValueError, TypeError):
+        restarts = None
+    return MountHealth(True, restarts, "")
+
+
 def query_stats(mountpoint: str, *, timeout: float = 5.0) -> dict[str, Any]:
     """The counters of the daemon serving ``mountpoint`` (asked over its unix socket)."""
     import socket

@@ -542,10 +542,14 @@ def test_sigterm_unmounts_cleanly(env: str, store: str, fs: str) -> None:
 
 
 def test_a_killed_daemon_leaves_a_dead_mount_that_umount_removes(env: str, store: str) -> None:
+    """A server killed with its supervisor (see tests/test_revive.py for one killed alone)."""
     mp = os.path.join(env, "mnt-killed")
     with mounted("main", mp, _opts(env, store, "killed")) as m:
+        server = query_stats(mp)["server_pid"]
         os.kill(m.pid, signal.SIGKILL)
         reap_daemon(m.pid)
+        os.kill(server, signal.SIGKILL)
+        reap_daemon(server)
         assert _errno(os.listdir, mp) == errno.ENOTCONN
         with pytest.raises(MountError, match="dead imagefs mount"):
             start_mount("main", mp, _opts(env, store, "killed"))
