@@ -3,8 +3,9 @@
 Why it is shaped this way:
 
 - Everything that can fail for a reason the user can fix (no such image, store
-  unreachable, index that fails its digest, bad mountpoint, unusable cache) is checked
-  *before* anything is mounted, so an error never leaves a mount behind.
+  unreachable, index that fails its digest, bad mountpoint) is checked *before*
+  anything is mounted, and a server that fails before the mount answers (an unusable
+  cache directory) has it removed: an error never leaves a mount behind.
 - As root the daemon is two processes (:mod:`imagefs.supervisor`): the one started for
   the mount prepares it, mounts FUSE and holds the connection (:mod:`imagefs.fuse_session`);
   the server it forks serves it, and is replaced when it dies, so a crash never leaves a
@@ -228,15 +229,15 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
 
 
 def _prepare(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> _Plan:
-    """Everything that can fail for a reason the user can fix, before anything is mounted."""
+    """What can fail for a reason the user can fix, before anything is mounted. (The
+    cache tiers are opened by each server: LMDB must not cross a fork, and opening them
+    twice cost every mount ~2 ms; a server that cannot open them says so on the ready
+    pipe and its supervisor unmounts.)"""
     from imagefs.erofs.session import ErofsUnavailable, prepare
 
     try:
         mp = check_mountpoint(mountpoint)
         store, index = _open_image(image, opts)
-        _reader, ssd = _open_reader(store, opts)  # checked here; each server opens its own
-        if ssd is not None:
-            ssd.close()
         try:  # EROFS over a FUSE-served blob where the kernel can (imagefs.erofs), else the plain mount
             kernel = prepare(index, image, mp, opts, RunPaths.of(mp))
         except ErofsUnavailable as e:

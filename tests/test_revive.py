@@ -275,3 +275,22 @@ def test_mount_arguments_are_what_libfuse_would_pass() -> None:
     assert args.data(7) == "fd=7,rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other"
     with pytest.raises(ValueError, match="max_read"):
         MountArgs({"max_read=4096"})
+
+
+def test_a_server_that_cannot_open_its_cache_leaves_no_mount(env: Path) -> None:
+    """The cache tiers are opened by the server, after the supervisor mounted: its error
+    reaches the caller and the mount is removed."""
+    from imagefs.mount import MountError, start_mount
+
+    bad = env / "not-a-directory"
+    bad.write_bytes(b"x")
+    mp = str(env / "mnt-badcache")
+    os.makedirs(mp, exist_ok=True)
+    opts = MountOptions(store=str(env / "store"), cache_dir=str(bad), cache_size=1 << 30, fs="fuse")
+    with pytest.raises(MountError, match="cannot open the SSD cache"):
+        start_mount("revive", mp, opts)
+    deadline = time.monotonic() + 10
+    while is_mounted(mp):
+        assert time.monotonic() < deadline, "the mount was left behind"
+        time.sleep(0.05)
+    assert os.listdir(mp) == []
