@@ -135,6 +135,11 @@ def _write_ready(fd: int | None, message: bytes) -> None:
         os.close(fd)
 
 
+# IMAGEFS_SUPERVISE=0: serve in one process, as before supervised mounts (no restarts;
+# for comparison in bench/revive.py, or a kernel that misbehaves with the hand-over).
+SUPERVISE_ENV = "IMAGEFS_SUPERVISE"
+
+
 class _Plan:
     """What the supervisor prepares once and every server of the mount serves."""
 
@@ -172,7 +177,8 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
 
     As root, this process becomes the mount's supervisor (:mod:`imagefs.supervisor`): it
     holds the FUSE connection and forks the server, again whenever one dies, so a crash
-    costs readers a pause, not a dead mount. Otherwise it serves the mount itself.
+    costs readers a pause, not a dead mount. Otherwise (or with ``IMAGEFS_SUPERVISE=0``)
+    it serves the mount itself.
 
     With ``ready_fd``, writes ``ready`` there once the mount answers, or ``error: ...``
     if it cannot be made (the error is raised as well).
@@ -182,7 +188,7 @@ def serve(image: str, mountpoint: str, opts: MountOptions, ready_fd: int | None 
 
     plan = _prepare(image, mountpoint, opts, ready_fd)
     start_time = process_start_time(os.getpid())
-    if not fuse_session.supported():
+    if not fuse_session.supported() or os.environ.get(SUPERVISE_ENV, "1") == "0":
         failed = _serve_mount(plan, Generation(0, os.getpid(), start_time), plan.fuse_mp, ready_fd=ready_fd)
         if plan.kernel is not None:
             plan.kernel.cleanup()
