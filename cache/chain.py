@@ -43,7 +43,7 @@ The shape follows from the physics in DESIGN.md:
   when a FUSE readahead fails, the kernel reads the first page again at once, with a
   synchronous request that a SIGKILLed reader cannot leave (pyfuse3 cannot answer
   FUSE_INTERRUPT); a second wait of the whole deadline there would double the reader's
-  wait (measured: EIO after 6 s instead of 3 with a 3 s deadline) and make it unkillable
+  wait (bench/RESULTS.md "Reads under a stalled store") and make it unkillable
   for the second half.
 - Fills go upward: what came from below is put in memory at once and queued for the
   SSD, which one background task writes in batches (write-behind, so a reader never

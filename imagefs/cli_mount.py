@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from imagefs.cli import INFO, WARNING, CLIError, add_store_options, configure_logging, size_arg
 
@@ -192,6 +193,11 @@ def format_stats(stats: dict[str, Any]) -> str:
     """A short human summary of a daemon's stats."""
     lines = [f"{stats['mountpoint']}: {stats['image']} ({stats['digest']}), pid {stats['pid']}, "
              f"up {stats['uptime_s']:.0f}s"]
+    if stats.get("restarts"):
+        last = (stats.get("crashes") or [{}])[-1]
+        lines.append(f"server replaced {stats['restarts']} time(s) (now pid {stats.get('server_pid')}); "
+                     f"the last one {last.get('how', 'died')} at "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last.get('time', 0)))}")
     fs = stats.get("fs") or {}
     if fs.get("mode") == "erofs":
         lines.append(f"served as EROFS: metadata {fs.get('metadata')} ({(fs.get('metadata_bytes') or 0) / (1 << 20):.1f} "

@@ -140,6 +140,10 @@ def test_a_killed_server_is_replaced_twice_and_readers_see_every_byte(env: Path,
         assert stats["pid"] == m.pid  # the supervisor, as before
         assert stats["restarts"] == 2 and [c["how"] for c in stats["crashes"]] == ["killed by SIGKILL"] * 2
         assert stats["requests"]["ops"]["read"] > 0  # the new server's own counters
+        from imagefs.cli_mount import format_stats
+
+        assert f"server replaced 2 time(s) (now pid {stats['server_pid']}); the last one killed by SIGKILL" \
+            in format_stats(stats)
     with open(RunPaths.of(mp).log) as f:
         log = f.read()
     assert log.count("killed by SIGKILL; starting a new one") == 2 and "restart 2" in log
