@@ -30,8 +30,21 @@ The shape follows from the physics in DESIGN.md:
 - A demand fetch asks a remote tier for the chunk and at most
   :data:`REMOTE_DEMAND_BYTES` of its neighbours, not the blob store's whole range:
   at ~1 ms a round trip costs less than carrying neighbours ahead of time.
-- Blob-store errors are retried with exponential backoff; after that the get raises
-  :class:`ChunkUnavailable`, naming the chunk.
+- Every demand get has a deadline (``deadline``, seconds; a mount's ``--read-timeout``):
+  past it the get raises :class:`ChunkUnavailable` naming the chunk, whatever the tiers
+  below are doing, and the fetch it started is given up at its own deadline too (its
+  worker thread is abandoned, never waited for). Retries happen once, where the fault is
+  understood: a store that retries its own calls (``retries_itself``: the S3 store, with
+  its budget per call set from the same deadline) gets one call per fetch; others get
+  :attr:`retries` more, with exponential backoff, all inside the deadline. A stalled
+  store therefore costs a reader the deadline, not attempts x timeouts x retries.
+- A chunk whose fetch ran out of time (the deadline: a stalled tier, not an error it
+  answered) fails again at once for the next ``failure_hold`` seconds. Why:
+  when a FUSE readahead fails, the kernel reads the first page again at once, with a
+  synchronous request that a SIGKILLed reader cannot leave (pyfuse3 cannot answer
+  FUSE_INTERRUPT); a second wait of the whole deadline there would double the reader's
+  wait (bench/RESULTS.md "Reads under a stalled store") and make it unkillable
+  for the second half.
 - Fills go upward: what came from below is put in memory at once and queued for the
   SSD, which one background task writes in batches (write-behind, so a reader never
   waits for a disk write; if the queue is over its byte bound, the SSD copy is skipped).
@@ -81,6 +94,12 @@ BUDGET_RECHECK_S = 0.5
 # is the herd again (a server killed 1 s into a burst of 8 hosts and restarted 4 s
 # later: the store sent 6.6 copies of the image when prefetches used the budget too).
 BACKGROUND_GRACE_S = 30.0
+# The most a demand get waits, seconds (a mount's --read-timeout): see the module docstring.
+DEFAULT_DEADLINE = 30.0
+# A fetch that ran out of time fails again at once for this many seconds.
+FAILURE_HOLD = 1.0
+# Failures remembered at most (a failing store can fail every chunk of an image).
+MAX_FAILURES_HELD = 4096
 
 
 class ChunkUnavailable(ChunkError):
@@ -147,7 +166,10 @@ class ChunkChain:
                  max_prefetches: int = 4, retries: int = 3, backoff: float = 0.05,
                  remote_timeout: float = 2.0, ssd_readers: int = 8,
                  max_fill_pending: int = 128 << 20, max_stream_threads: int = 8,
-                 store_budget: StoreBudget | None = None) -> None:
+                 store_budget: StoreBudget | None = None, deadline: float = DEFAULT_DEADLINE,
+                 failure_hold: float = FAILURE_HOLD) -> None:
+        if deadline <= 0:
+            raise ValueError(f"deadline must be a positive number of seconds, not {deadline!r}")
         self.blob = blob
         self.ssd = ssd
         self.memory = memory
@@ -161,6 +183,10 @@ class ChunkChain:
         self.store_budget = (store_budget or StoreBudget()) if self.remote_tiers else None
         self.background_grace = BACKGROUND_GRACE_S
         self._background_held = 0
+        self.deadline = deadline
+        self.failure_hold = failure_hold
+        # digest -> (trio time until which it fails at once, why): see the module docstring.
+        self._failed: dict[bytes, tuple[float, str]] = {}
         self.max_fill_pending = max_fill_pending
         self._demand = trio.CapacityLimiter(max_fetches)
         self._prefetch = trio.CapacityLimiter(max_prefetches)
@@ -168,7 +194,7 @@ class ChunkChain:
         # Our own thread budget: the limiters above bound it, so it never makes anyone wait.
         self._threads = trio.CapacityLimiter(max_fetches + max_prefetches + ssd_readers + max_stream_threads + 1)
         self._inflight: dict[bytes, _Flight] = {}
-        self._fill_queue: deque[tuple[ChunkRef, bytes]] = deque()
+        self._fill_queue: deque[tuple[ChunkRef, bytes, bool]] = deque()  # (ref, bytes, for background work)
         self._fill_pending: dict[bytes, bytes] = {}
         self._fill_room: trio.Event | None = None  # set when the write-behind queue has room again
         self._fill_bytes = 0
@@ -186,6 +212,10 @@ class ChunkChain:
         self._demand_active = 0
         self._demand_idle: trio.Event | None = None
         self._prefetched = self._prefetch_failed = self._fill_dropped = 0
+        # Write-behind outcomes: chunks the SSD tier holds after their write, or not
+        # (a full or broken disk); the background_ ones are fills of prefetches and streams.
+        self._stored = self._store_failed = 0
+        self.background_stored = self.background_store_failed = 0
 
     # ---- demand ------------------------------------------------------------------
 
@@ -201,6 +231,13 @@ class ChunkChain:
         return await self._get_cold(ref, neighbours)
 
     async def _get_cold(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
+        with trio.move_on_after(self.deadline):
+            return await self._get_cold_until(ref, neighbours)
+        reason = f"no tier answered within {self.deadline:g} s"
+        self._hold_failure(ref.digest, reason)
+        raise ChunkUnavailable(ref, reason)
+
+    async def _get_cold_until(self, ref: ChunkRef, neighbours: Sequence[ChunkRef]) -> bytes:
         d = ref.digest
         while True:
             data = self._fill_pending.get(d)
@@ -211,6 +248,11 @@ class ChunkChain:
                 return data
             flight = self._inflight.get(d)
             if flight is None:
+                failed = self._failed.get(d)
+                if failed is not None:
+                    if failed[0] > trio.current_time():
+                        raise ChunkUnavailable(ref, failed[1])
+                    del self._failed[d]
                 if self.tracker is not None:
                     self.tracker.cold(d)
                 flight = self._inflight[d] = _Flight(primary=True)
@@ -235,7 +277,11 @@ class ChunkChain:
         self.demand_cold += 1
         self._demand_active += 1
         try:
-            flight.data = await self._load(ref, neighbours)
+            with trio.move_on_after(self.deadline):
+                flight.data = await self._load(ref, neighbours)
+            if flight.data is None:
+                self._hold_failure(ref.digest, f"no tier answered within {self.deadline:g} s")
+                raise ChunkUnavailable(ref, f"no tier answered within {self.deadline:g} s")
         except ChunkUnavailable as e:
             self._unavailable += 1
             flight.error = e
@@ -251,6 +297,17 @@ class ChunkChain:
             if not self._demand_active and self._demand_idle is not None:
                 self._demand_idle.set()
                 self._demand_idle = None
+
+    def _hold_failure(self, digest: bytes, reason: str) -> None:
+        if self.failure_hold <= 0:
+            return
+        if len(self._failed) >= MAX_FAILURES_HELD:
+            now = trio.current_time()
+            self._failed = {k: v for k, v in self._failed.items() if v[0] > now}
+            if len(self._failed) >= MAX_FAILURES_HELD:
+                self._failed.pop(next(iter(self._failed)))
+        self._failed[digest] = (trio.current_time() + self.failure_hold, f"{reason} (failed again at once: "
+                                f"a new attempt is made {self.failure_hold:g} s after a failure)")
 
     async def wait_for_no_demand(self) -> None:
         """Return when no demand get is fetching below memory."""
@@ -346,12 +403,17 @@ class ChunkChain:
             if ref.digest in got:
                 return got
         last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        # One place retries: a store that retries its own calls gets one call (see the module docstring).
+        attempts = 1 if getattr(self.blob.store, "retries_itself", False) else self.retries + 1
+        for attempt in range(attempts):
             if attempt:
                 self._retries += 1
                 await trio.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                more = await trio.to_thread.run_sync(self.blob.fetch, ref, run, limiter=self._threads)
+                # Abandoned, not waited for, when the deadline passes: the store's own
+                # timeouts end the thread later; its result is dropped.
+                more = await trio.to_thread.run_sync(self.blob.fetch, ref, run, limiter=self._threads,
+                                                     abandon_on_cancel=True)
             except CorruptChunk as e:
                 raise ChunkUnavailable(ref, str(e)) from e
             except (BlobStoreError, OSError) as e:
@@ -362,7 +424,7 @@ class ChunkChain:
             for k, v in more.items():
                 got.setdefault(k, v)
             return got
-        raise ChunkUnavailable(ref, f"blob store failed {self.retries + 1} times: {last}") from last
+        raise ChunkUnavailable(ref, f"blob store failed {attempts} time{'s' if attempts > 1 else ''}: {last}") from last
 
     async def _through_remote(self, ref: ChunkRef, wanted: Sequence[ChunkRef], background: bool) -> dict[bytes, bytes]:
         """What the remote tiers have of ``wanted``. If they lack ``ref``, return only once
@@ -453,7 +515,7 @@ class ChunkChain:
         if may_drop and self._fill_bytes + len(data) > self.max_fill_pending:
             self._fill_dropped += 1
             return
-        self._fill_queue.append((ref, data))
+        self._fill_queue.append((ref, data, not may_drop))
         self._fill_pending[ref.digest] = data
         self._fill_bytes += len(data)
         if not self._filler_running:
@@ -464,21 +526,25 @@ class ChunkChain:
         assert self.ssd is not None
         try:
             while self._fill_queue:
-                batch: list[tuple[ChunkRef, bytes]] = []
+                batch: list[tuple[ChunkRef, bytes, bool]] = []
                 nbytes = 0
                 while self._fill_queue and len(batch) < FILL_BATCH_CHUNKS and nbytes < FILL_BATCH_BYTES:
                     item = self._fill_queue.popleft()
                     batch.append(item)
                     nbytes += len(item[1])
+                held: set[bytes] = set()
                 try:
-                    await trio.to_thread.run_sync(self.ssd.put_many, batch, limiter=self._threads)
-                except Exception as e:
-                    log.warning("ssd tier: write-behind of %d chunks failed: %r", len(batch), e)
-                    self.ssd.counters.add(errors=1)
+                    held = await trio.to_thread.run_sync(self._write_batch, batch, limiter=self._threads)
                 finally:
-                    for r, data in batch:
+                    for r, data, background in batch:
                         if self._fill_pending.pop(r.digest, None) is not None:
                             self._fill_bytes -= len(data)
+                        ok = r.digest in held
+                        self._stored += ok
+                        self._store_failed += not ok
+                        if background:
+                            self.background_stored += ok
+                            self.background_store_failed += not ok
                     if self._fill_room is not None and self._fill_bytes <= self.max_fill_pending // 2:
                         self._fill_room.set()
                         self._fill_room = None
@@ -490,6 +556,22 @@ class ChunkChain:
             if self._fill_idle is not None:
                 self._fill_idle.set()
                 self._fill_idle = None
+
+    def _write_batch(self, batch: Sequence[tuple[ChunkRef, bytes, bool]]) -> set[bytes]:
+        """(worker thread) Write ``batch`` to the SSD tier; the digests it holds after."""
+        assert self.ssd is not None
+        try:
+            stored = self.ssd.put_many([(r, data) for r, data, _bg in batch])
+        except Exception as e:
+            log.warning("ssd tier: write-behind of %d chunks failed: %r", len(batch), e)
+            self.ssd.counters.add(errors=1)
+            stored = -1
+        if stored == len(batch):
+            return {r.digest for r, _data, _bg in batch}
+        try:  # some were already there, or did not fit: ask
+            return self.ssd.contains_many(r.digest for r, _data, _bg in batch)
+        except Exception:
+            return set()
 
     async def _wait_for_fill_room(self) -> None:
         while self.ssd is not None and self._fill_bytes > self.max_fill_pending // 2:
@@ -672,7 +754,8 @@ class ChunkChain:
             self._fetches += 1
             for attempt in range(2):
                 try:
-                    more, nbytes = await trio.to_thread.run_sync(self.blob.fetch_span, rest, limiter=self._threads)
+                    more, nbytes = await trio.to_thread.run_sync(self.blob.fetch_span, rest, limiter=self._threads,
+                                                                 abandon_on_cancel=True)
                 except (BlobStoreError, OSError) as e:
                     if attempt:
                         raise ChunkUnavailable(rest[0], f"blob store: {e}") from e
@@ -705,6 +788,7 @@ class ChunkChain:
             fill_dropped=self._fill_dropped,
             direct_reads=budget.taken if budget else 0,
             direct_waits=(budget.waited if budget else 0) + self._background_held,
+            stored=self._stored, store_failed=self._store_failed,
         )
 
 

@@ -11,6 +11,12 @@ Why it looks the way it does:
   The policy is therefore visible in one place, logged, counted in :meth:`stats`
   and testable against a fault proxy. Everything else (missing key, missing bucket,
   bad credentials) fails at once with a message naming the store and the key.
+  The store says so (``retries_itself``), so the chunk chain does not retry it again.
+- A reader waits on some of these calls, so a call can have a budget
+  (``call_timeout``, seconds, retries and backoff included): no attempt starts once it
+  is spent, and each attempt's connect and read timeouts are cut to fit in it. A mount
+  sets it from its ``--read-timeout``: a stalled store then costs a reader that long,
+  not attempts x read timeout (5 x 30 s here before).
 - Endpoint, region and credentials come from the standard AWS environment and
   config, so the store behaves as users of the AWS CLI expect; any custom endpoint
   (SeaweedFS, MinIO, Ceph) gets path-style addressing.
@@ -98,6 +104,8 @@ class S3Store:
 
     # Keys per LIST request (S3's maximum; tests lower it to exercise paging).
     list_page_size: int = 1000
+    # The retry policy lives here (see the module docstring): callers should not add theirs.
+    retries_itself = True
 
     def __init__(
         self,
@@ -113,6 +121,7 @@ class S3Store:
         max_attempts: int = 5,
         backoff_base: float = 0.1,
         max_concurrency: int = 32,
+        call_timeout: float | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
@@ -121,6 +130,13 @@ class S3Store:
                 f"s3://{bucket}: max_attempts ({max_attempts}), max_concurrency ({max_concurrency}) "
                 f"and max_pool ({max_pool}) must be at least 1"
             )
+        if call_timeout is not None:
+            if call_timeout <= 0:
+                raise ValueError(f"s3://{bucket}: call_timeout must be positive, not {call_timeout!r}")
+            # Room for at least two attempts of a stalled server within the budget.
+            read_timeout = min(read_timeout, call_timeout / 2)
+            connect_timeout = min(connect_timeout, call_timeout / 4)
+        self.call_timeout = call_timeout
         prefix = prefix.strip("/")
         if prefix:
             validate_key(prefix)
@@ -199,6 +215,8 @@ class S3Store:
         """
         where = f"{self.url}: {what} {key}" if key is not None else f"{self.url}: {what}"
         last = ""
+        deadline = None if self.call_timeout is None else time.monotonic() + self.call_timeout
+        attempt = 0
         for attempt in range(1, self.max_attempts + 1):
             try:
                 with self._sem:
@@ -232,6 +250,10 @@ class S3Store:
             if attempt == self.max_attempts:
                 break
             delay = self.backoff(attempt)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                self._count(errors=1)
+                raise BlobStoreError(f"{where}: gave up after {attempt} attempt{'s' if attempt > 1 else ''} "
+                                     f"in {self.call_timeout:g} s at {self.endpoint_url}: {last}")
             self._count(retries=1)
             log.warning("%s: attempt %d/%d failed (%s); retrying in %.2fs",
                         where, attempt, self.max_attempts, last, delay)

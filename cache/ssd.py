@@ -48,6 +48,13 @@ written in one transaction every ``touch_batch`` hits or ``touch_interval`` seco
 (or with the next fill). LRU order is thus approximate to a few seconds, which is all
 eviction needs, and the hit path stays one read transaction, one file read, one hash.
 
+The disk may be smaller than ``max_bytes``, or shared with other data: every fill
+also keeps a little of the disk free (``reserve``, so that LMDB can always commit, an
+eviction included), evicting least-recently-used chunks to do so, and a chunk whose
+write finds the disk full (ENOSPC, EDQUOT) makes room the same way and is written
+again once. Without this, a disk smaller than the bound filled once and every later
+fill failed, for good (issue 12).
+
 LMDB is opened with ``metasync=False``: one fsync per commit instead of two; a power
 loss may undo the last commit, which only makes the cache smaller (its renamed file
 becomes an orphan), and LMDB stays consistent.
@@ -58,6 +65,7 @@ directory within a process share one environment (reference counted).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import struct
@@ -90,6 +98,9 @@ _FORM = b"form"
 FORM_RAW = b"raw"  # uncompressed chunks (a host's tier)
 FORM_FRAMES = b"zstd"  # zstd frames (an AZ cache server's disk)
 MAX_FRAME_CONTENT = 1 << 30  # a frame claiming more than this is not one of our chunks
+# Free disk kept by fills: this much, or a sixteenth of a smaller file system.
+DISK_RESERVE = 64 << 20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _lru_key(atime_ns: int, digest: bytes) -> bytes:
@@ -359,7 +370,8 @@ class SSDTier:
 
     def put_many(self, items: Iterable[tuple[ChunkRef, bytes]]) -> int:
         """Keep several verified chunks with one recording transaction (one commit, one
-        eviction pass). Returns how many were newly stored."""
+        eviction pass). Returns how many were newly stored. A chunk that does not fit
+        on the disk even after making room is left out (counted in ``errors``)."""
         staged: list[tuple[bytes, int, str]] = []
         seen: set[bytes] = set()
         now = time.time_ns()
@@ -373,7 +385,9 @@ class SSDTier:
                     with self._touch_lock:
                         self._touches[d] = now
                     continue
-                staged.append((d, len(data), self._write_tmp(data)))
+                tmp = self._write_tmp_making_room(data)
+                if tmp is not None:
+                    staged.append((d, len(data), tmp))
             with self._touch_lock:
                 touches, self._touches = self._touches, {}
                 self._last_flush = now
@@ -386,6 +400,49 @@ class SSDTier:
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
+
+    def _write_tmp_making_room(self, data: bytes) -> str | None:
+        """:meth:`_write_tmp`; on a full disk, evict room for it and the reserve and
+        write once more; None if it still does not fit."""
+        try:
+            return self._write_tmp(data)
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+        self.make_room(len(data) + self._reserve())
+        try:
+            return self._write_tmp(data)
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+            self.counters.add(errors=1)
+            return None
+
+    def make_room(self, nbytes: int) -> int:
+        """Evict least-recently-used chunks until ``nbytes`` are freed (or none are
+        left); returns the bytes freed."""
+        with self._e.env.begin(write=True) as txn:
+            total, count = self._totals(txn)
+            left, count = self._evict(txn, total, count, bound=max(0, total - nbytes))
+            self._set_totals(txn, left, count)
+        return total - left
+
+    def _reserve(self) -> int:
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return 0
+        return min(DISK_RESERVE, st.f_blocks * st.f_frsize // 16)
+
+    def _disk_short(self) -> int:
+        """Bytes to free so that the disk keeps its reserve (0 when it does)."""
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return 0
+        free = st.f_bavail * st.f_frsize
+        reserve = min(DISK_RESERVE, st.f_blocks * st.f_frsize // 16)
+        return max(0, reserve - free)
 
     def _write_tmp(self, data: bytes) -> str:
         path = os.path.join(self._tmp_dir, f"{os.getpid()}.{secrets.token_hex(8)}")
@@ -422,7 +479,7 @@ class SSDTier:
                 total += size
                 count += 1
             self._apply_touches(txn, touches)
-            total, count = self._evict(txn, total, count)
+            total, count = self._evict(txn, total, count, bound=min(self.max_bytes, total - self._disk_short()))
             self._set_totals(txn, total, count)
             txn.commit()
         except BaseException:
@@ -435,12 +492,15 @@ class SSDTier:
             raise
         return len(installed)
 
-    def _evict(self, txn: lmdb.Transaction, total: int, count: int) -> tuple[int, int]:
-        if total <= self.max_bytes:
+    def _evict(self, txn: lmdb.Transaction, total: int, count: int, *, bound: int | None = None) -> tuple[int, int]:
+        """Evict least-recently-used entries until ``total`` is within ``bound``
+        (default: the tier's bound)."""
+        bound = self.max_bytes if bound is None else bound
+        if total <= bound:
             return total, count
         evicted = 0
         cur = txn.cursor(db=self._e.lru)
-        while total > self.max_bytes and cur.first():
+        while total > bound and cur.first():
             digest = bytes(cur.key()[_ATIME.size:])
             cur.delete()
             rec = txn.get(digest, db=self._e.chunks)

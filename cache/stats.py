@@ -137,8 +137,9 @@ class ChainStats:
     ``retries`` blob-store retries, ``unavailable`` gets that failed on every tier,
     ``prefetched``/``prefetch_failed`` chunks brought in (or not) ahead of demand,
     ``fill_pending``/``fill_dropped`` SSD write-behind bytes queued now / chunks not
-    written because the queue was full; with remote tiers (a zone cache),
-    ``direct_reads`` blob-store reads this host made itself because the remote tiers
+    written because the queue was full, ``stored``/``store_failed`` chunks the
+    write-behind left on the SSD tier / could not (a full or broken disk); with remote
+    tiers (a zone cache), ``direct_reads`` blob-store reads this host made itself because the remote tiers
     lacked a chunk (down, broken, or the chunk missing), within the store budget, and
     ``direct_waits`` times a read had to wait for that budget (or, a background read,
     for a zone that had just gone down to come back).
@@ -156,6 +157,8 @@ class ChainStats:
     fill_dropped: int = 0
     direct_reads: int = 0
     direct_waits: int = 0
+    stored: int = 0
+    store_failed: int = 0
 
     def tier(self, name: str) -> TierStats:
         for t in self.tiers:
@@ -166,6 +169,7 @@ class ChainStats:
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"tiers": {t.name: t.as_dict() for t in self.tiers}}
         for k in ("gets", "joined", "fetches", "retries", "unavailable", "prefetched",
-                  "prefetch_failed", "fill_pending", "fill_dropped", "direct_reads", "direct_waits"):
+                  "prefetch_failed", "fill_pending", "fill_dropped", "direct_reads", "direct_waits",
+                  "stored", "store_failed"):
             d[k] = getattr(self, k)
         return d

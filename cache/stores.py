@@ -17,8 +17,10 @@ class StoreURLError(ValueError):
     """A --store value that names no store we can open."""
 
 
-def open_store(url: str | None, *, s3_endpoint: str | None = None) -> BlobStore:
-    """Open the store named by ``url`` (``None``: the per-machine default directory)."""
+def open_store(url: str | None, *, s3_endpoint: str | None = None, call_timeout: float | None = None) -> BlobStore:
+    """Open the store named by ``url`` (``None``: the per-machine default directory).
+    ``call_timeout``: the most one call to a network store may take, its retries
+    included (a mount's read deadline); a local directory does not need one."""
     if not url:
         return LocalStore(default_store_dir())
     if url.startswith("s3://"):
@@ -28,7 +30,8 @@ def open_store(url: str | None, *, s3_endpoint: str | None = None) -> BlobStore:
             raise StoreURLError(f"--store {url!r}: missing bucket name (s3://BUCKET[/PREFIX])")
         from cache.s3store import S3Store  # boto3 import is slow: only when needed
 
-        return S3Store(bucket, prefix.strip("/"), endpoint_url=s3_endpoint or os.environ.get("IMAGEFS_S3_ENDPOINT"))
+        return S3Store(bucket, prefix.strip("/"), endpoint_url=s3_endpoint or os.environ.get("IMAGEFS_S3_ENDPOINT"),
+                       call_timeout=call_timeout)
     if url.startswith("file://"):
         path = url[len("file://"):]
         if not path:

@@ -275,6 +275,11 @@ class ZoneBlobStore:
             conn.close()
 
     # Everything else is the wrapped store's.
+    @property
+    def retries_itself(self) -> bool:
+        """Whether the wrapped store retries its calls (then the chunk chain does not: cache.chain)."""
+        return bool(getattr(self.inner, "retries_itself", False))
+
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         return self.inner.get_range(key, offset, length)
 

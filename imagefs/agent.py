@@ -69,6 +69,8 @@ def _preload() -> None:
     import cache.stores  # noqa: F401
     import imagefs.erofs.session  # noqa: F401  (the writer, the blob's file system, mount(2))
     import imagefs.fuse_ops  # noqa: F401
+    import imagefs.fuse_session  # noqa: F401
+    import imagefs.supervisor  # noqa: F401
     import imagefs.readahead  # noqa: F401
     import imagefs.vfs  # noqa: F401
     import imagefs.index_cache  # noqa: F401

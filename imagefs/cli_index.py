@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from imagefs.cli import add_store_options
+from imagefs.cli import add_store_options, size_arg
 from imagefs.progress import human_bytes, progress_for
 
 
@@ -35,6 +35,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="credentials file (skopeo/podman auth.json or docker config.json: auths, credHelpers, "
                    "credsStore); replaces the default files $REGISTRY_AUTH_FILE, "
                    "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json")
+    p.add_argument("--max-layer-size", metavar="SIZE", type=size_arg, default=None,
+                   help="the most one layer may decompress to, e.g. 100G; a layer past it (a decompression "
+                   "bomb, most likely) fails the build and nothing is stored (default: 64G)")
     p.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the build figures as JSON")
     p.set_defaults(func=cmd_index)
@@ -89,6 +92,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
         auth=_auth_options(args),
         progress=progress_for(args.quiet),
+        max_layer_bytes=args.max_layer_size,
     )
     if not result.name:
         print(f"imagefs: warning: {result.digest[:23]} has no name, so it is dangling (<none>) and the next "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from imagefs.cli import INFO, WARNING, CLIError, add_store_options, configure_logging, size_arg
 
@@ -35,6 +36,10 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--read-ahead", metavar="KB", type=int, default=None,
                    help="the kernel's readahead window for the mount, in KiB (also the window read around a "
                    "page fault in a mapped file; default: see imagefs/readahead.py)")
+    g.add_argument("--read-timeout", metavar="SECONDS", type=float, default=None,
+                   help="the most a read waits for file data, every tier and retry included, before it fails "
+                   "with EIO (the mount's log names the file and chunk); a stalled store costs a reader this "
+                   "long (default: 30)")
     g.add_argument("--az-cache", metavar="HOST:PORT", action="append", default=[],
                    help="a cache server in this zone (repeatable)")
     g.add_argument("--store-budget", metavar="N[,RATE]", type=_budget_arg, default=None,
@@ -98,6 +103,12 @@ def mount_options_from_args(args: argparse.Namespace) -> "MountOptions":
         raise CLIError("--read-ahead must be a number of KiB, 0 or more", code=2)
     if args.prefetch_rate is not None:
         opts.prefetch_rate = args.prefetch_rate
+    if args.read_timeout is not None:
+        if not args.read_timeout > 0:
+            from imagefs.cli import CLIError
+
+            raise CLIError("--read-timeout must be a positive number of seconds", code=2)
+        opts.read_timeout = args.read_timeout
     if args.cache_size is not None:
         opts.cache_size = args.cache_size
     if args.memory_size is not None:
@@ -182,6 +193,11 @@ def format_stats(stats: dict[str, Any]) -> str:
     """A short human summary of a daemon's stats."""
     lines = [f"{stats['mountpoint']}: {stats['image']} ({stats['digest']}), pid {stats['pid']}, "
              f"up {stats['uptime_s']:.0f}s"]
+    if stats.get("restarts"):
+        last = (stats.get("crashes") or [{}])[-1]
+        lines.append(f"server replaced {stats['restarts']} time(s) (now pid {stats.get('server_pid')}); "
+                     f"the last one {last.get('how', 'died')} at "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last.get('time', 0)))}")
     fs = stats.get("fs") or {}
     if fs.get("mode") == "erofs":
         lines.append(f"served as EROFS: metadata {fs.get('metadata')} ({(fs.get('metadata_bytes') or 0) / (1 << 20):.1f} "
@@ -214,7 +230,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"replay: {rp['state']}{detail}")
     pf = stats.get("prefetch")
     if pf:
-        counts = f": {pf.get('fetched', 0)} of {pf.get('planned', 0)} planned chunks fetched" if pf.get("planned") else ""
+        counts = ""
+        if pf.get("planned"):
+            counts = (f": {pf.get('fetched', 0)} of {pf.get('planned', 0)} planned chunks fetched, "
+                      f"{pf.get('stored', 0)} stored on the SSD, {pf.get('failed', 0)} failed")
         lines.append(f"prefetch: {pf['state']}{counts}")
     rec = stats.get("record")
     if rec:

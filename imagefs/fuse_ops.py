@@ -108,6 +108,9 @@ class FuseOps(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
         self.fault = fault
+        # Called by init(), while libfuse handles FUSE_INIT and before it replies: where a
+        # server on a held connection takes it over (imagefs.fuse_session.adopt).
+        self.on_init: Callable[[], None] | None = None
         self.ops: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.unexpected = 0
@@ -115,6 +118,10 @@ class FuseOps(pyfuse3.Operations):
     def counters(self) -> dict[str, Any]:
         """A snapshot of request counters (for stats and tests)."""
         return {"ops": dict(self.ops), "errors": dict(self.errors), "unexpected": self.unexpected}
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
 
     # -- names and attributes --------------------------------------------------------
 

@@ -52,6 +52,8 @@ ERROR_PREFIX = b"error: "
 # (comma-separated operation names): the test hook for the EIO-not-crash path.
 FAULT_ENV = "IMAGEFS_FAULT_OPS"
 CACHE_SECRET_ENV = "IMAGEFS_CACHE_SECRET"
+# Seconds a read waits for file data before EIO (the chain's deadline: cache.chain).
+DEFAULT_READ_TIMEOUT = 30.0
 
 
 class MountError(Exception):
@@ -99,7 +101,9 @@ class MountOptions:
     """How to serve a mount: where chunks come from and how much may be cached.
 
     ``cache_size`` 0 disables the SSD tier; ``az_cache`` lists the zone's cache servers
-    (``host:port``), asked before the blob store. ``fs`` is how the tree is served:
+    (``host:port``), asked before the blob store. ``read_timeout`` is the most one read
+    waits for file data (every tier tried, retries included) before it fails with EIO
+    naming the chunk. ``fs`` is how the tree is served:
     ``erofs`` (the kernel's EROFS over imagefs's metadata, file data through FUSE:
     :mod:`imagefs.erofs`), ``fuse`` (every request through FUSE) or ``auto`` (EROFS
     where this kernel can, else FUSE); ``store_budget`` (``"BURST[,PER_S]"``, None: the
@@ -109,14 +113,14 @@ class MountOptions:
 
     __slots__ = ("store", "s3_endpoint", "cache_dir", "cache_size", "memory_size", "az_cache", "prefetch", "fs",
                  "replay", "record", "record_quiet_s", "record_max_s", "record_merge", "read_ahead_kb",
-                 "store_budget", "prefetch_rate")
+                 "store_budget", "prefetch_rate", "read_timeout")
 
     def __init__(self, store: str | None = None, s3_endpoint: str | None = None, cache_dir: str | None = None,
                  cache_size: int = 10 * GiB, memory_size: int = 512 * MiB, az_cache: list[str] | None = None,
                  prefetch: bool = True, fs: str = "auto", replay: bool = True, record: bool = False,
                  record_quiet_s: float = 10.0, record_max_s: float = 300.0, record_merge: bool = True,
                  read_ahead_kb: int | None = None, store_budget: str | None = None,
-                 prefetch_rate: int = 64 * MiB) -> None:
+                 prefetch_rate: int = 64 * MiB, read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
         self.store = store
         self.s3_endpoint = s3_endpoint
         self.cache_dir = cache_dir
@@ -135,6 +139,9 @@ class MountOptions:
         self.read_ahead_kb = read_ahead_kb  # the kernel's readahead window (None: imagefs.readahead's default)
         self.prefetch_rate = prefetch_rate  # bytes/s of the rest of the image after a profile (0: no bound)
         self.store_budget = store_budget
+        if not read_timeout > 0:
+            raise ValueError(f"read_timeout must be a positive number of seconds, not {read_timeout!r}")
+        self.read_timeout = float(read_timeout)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -498,9 +505,12 @@ def _remove_stale(paths: RunPaths) -> None:
 def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
     """Unmount an imagefs mount (lazily if it is busy) and wait for its daemon to exit.
 
-    A daemon still running ``timeout`` s after a clean unmount is terminated: the mount
-    lives on only as a copy in another mount namespace (a container or ``unshare -m``
-    started while it was mounted), which keeps the FUSE session open.
+    A busy mount is detached lazily and this returns at once: its daemon serves the
+    files still open and exits with the last of them (waiting for it was ``timeout``
+    seconds of nothing, every time). A daemon still running ``timeout`` s after a clean
+    unmount is terminated: the mount lives on only as a copy in another mount namespace
+    (a container or ``unshare -m`` started while it was mounted), which keeps the FUSE
+    session open.
 
     An EROFS mount goes first, then the private FUSE mount of its blob; the blob's
     FUSE session (and so the daemon) ends when the kernel lets go of the blob file,
@@ -527,10 +537,10 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
         blob = paths.beside(".blob")
         if is_mountpoint(blob) and not _fuse_unmount(blob)[0]:
             _fuse_unmount(blob, lazy=True)  # the blob is still open (a lazily detached EROFS)
+    if lazy:
+        return  # the daemon exits when the last open file is closed
     if pid is None or _wait_exit(pid, timeout):
         _remove_stale(paths)  # the daemon removes them itself, unless it was killed
-        return
-    if lazy:
         return
     _log().warning("%s: daemon %d still running %gs after unmount; terminating it (stacks in its log)",
                 mountpoint, pid, timeout)
@@ -540,6 +550,39 @@ def unmount(mountpoint: str, *, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGTERM)
     if not _wait_exit(pid, 5.0):
         raise MountError(f"{mountpoint}: unmounted, but daemon {pid} did not exit")
+
+
+class MountHealth(namedtuple("MountHealth", "alive restarts problem")):
+    """Whether a mount still serves (``problem`` says why not), and how many times its
+    server was replaced (imagefs.supervisor; None if its daemon does not answer)."""
+
+    __slots__ = ()
+    alive: bool
+    restarts: int | None
+    problem: str
+
+
+def mount_health(mountpoint: str) -> MountHealth:
+    """How the imagefs mount at ``mountpoint`` is doing: gone, dead (ENOTCONN), or alive,
+    with its server's restart count. For an EROFS mount, its blob's FUSE mount is what
+    serves file data, so that is what is checked."""
+    mp = os.path.realpath(mountpoint)
+    info = mount_at(mp)
+    if info is None:
+        return MountHealth(False, None, "it is no longer mounted")
+    paths = RunPaths.of(mp)
+    serving = paths.beside(".blob") if info.fstype == EROFS_FSTYPE else mp
+    if info.fstype == EROFS_FSTYPE and not is_mountpoint(serving):
+        return MountHealth(False, None, "its file data is no longer mounted")
+    try:  # opening a directory is never answered from the kernel's caches
+        os.close(os.open(serving, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as e:
+        return MountHealth(False, None, f"its daemon is gone ({e.strerror})")
+    try:
+        restarts = int(query_stats(mp, timeout=2.0).get("restarts", 0))
+    except (MountError, ValueError, TypeError):
+        restarts = None
+    return MountHealth(True, restarts, "")
 
 
 def query_stats(mountpoint: str, *, timeout: float = 5.0) -> dict[str, Any]:

@@ -52,19 +52,35 @@ def plan(index: Index, budget: int, exclude: Container[bytes] = ()) -> list[Chun
 class Progress:
     """Where a mount's prefetch stands, for ``imagefs stats``: ``state`` is ``pending``
     (waiting for the mount to answer), ``standby`` (the AZ cache answers every miss),
-    ``running``, ``done`` or ``failed``; ``planned``
-    chunks in the plan, ``fetched`` of them brought in by the prefetch (chunks already
-    held locally, or brought by demand reads, are not counted)."""
+    ``running``, then ``done`` (every chunk it fetched is on the SSD tier), ``incomplete``
+    (some could not be fetched or stored) or ``failed`` (none could be stored, or an
+    error ended it); ``planned`` chunks in the plan, ``fetched`` of them brought in by
+    the prefetch (chunks already held locally, or brought by demand reads, are not
+    counted), ``stored`` of those written to the SSD tier, and ``failed`` planned chunks
+    that could not be fetched or stored. Why the last two: a prefetch exists to fill
+    the SSD tier, and one whose every write failed (a full disk) said "done"."""
 
-    __slots__ = ("state", "planned", "fetched")
+    __slots__ = ("state", "planned", "fetched", "stored", "failed")
 
     def __init__(self) -> None:
         self.state = "pending"
         self.planned = 0
         self.fetched = 0
+        self.stored = 0
+        self.failed = 0
 
     def as_dict(self) -> dict[str, object]:
-        return {"state": self.state, "planned": self.planned, "fetched": self.fetched}
+        return {"state": self.state, "planned": self.planned, "fetched": self.fetched, "stored": self.stored,
+                "failed": self.failed}
+
+    def finish(self) -> None:
+        """Set the final state from the counts."""
+        if self.planned and not self.stored:
+            self.state = "failed"
+        elif self.failed:
+            self.state = "incomplete"
+        else:
+            self.state = "done"
 
 
 async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress: Progress | None = None, *,
@@ -81,10 +97,17 @@ async def prefetch_image(index: Index, chain: ChunkChain, budget: int, progress:
         progress.state = "done"
         return 0
     start = time.monotonic()
+    stored, store_failed = chain.background_stored, chain.background_store_failed
+    fetch_failed = chain.stats().prefetch_failed
     fetched = progress.fetched = await chain.prefetch(refs, paced=paced, rate=rate)
-    progress.state = "done"
-    log.info("prefetched %d of %d chunks (%.1f MiB compressed planned) in %.1f s", fetched, len(refs),
-             sum(r.clen for r in refs) / (1 << 20), time.monotonic() - start)
+    await chain.drain()  # what was fetched is only worth counting once it is on the SSD
+    progress.stored = chain.background_stored - stored
+    progress.failed = (chain.background_store_failed - store_failed) + (chain.stats().prefetch_failed - fetch_failed)
+    progress.finish()
+    log.log(logging.INFO if progress.state == "done" else logging.WARNING,
+            "prefetch %s: fetched %d of %d planned chunks (%.1f MiB compressed), stored %d on the SSD tier, "
+            "%d failed, in %.1f s", progress.state, fetched, len(refs), sum(r.clen for r in refs) / (1 << 20),
+            progress.stored, progress.failed, time.monotonic() - start)
     return fetched
 
 

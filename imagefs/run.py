@@ -259,6 +259,7 @@ def _run(image: str, spec: RunSpec, opts: "MountOptions", name: str | None, guar
          t0: float, timings: Timings, private_mount: bool) -> int:
     from cache.stores import open_store
     from imagefs.index_cache import load_index
+    from imagefs.mount import mount_health
 
     cid = name or f"imagefs-{secrets.token_hex(6)}"
     if not _NAME.match(cid):
@@ -297,12 +298,31 @@ def _run(image: str, spec: RunSpec, opts: "MountOptions", name: str | None, guar
                 with open(open_private(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_TRUNC), "w") as f:
                     json.dump(config, f, indent=1)
                 guard.check()
-                return _run_runc(cid, bundle, rroot, spec, guard, t0, timings)
+                restarts = mount_health(lower).restarts
+                status = _run_runc(cid, bundle, rroot, spec, guard, t0, timings)
+                _report_mount(image, lower, restarts)
+                return status
             finally:
                 guard.finished()  # from here on, signals wait for the clean-up
     finally:
         subprocess.run(["runc", "--root", rroot, "delete", "--force", cid], capture_output=True)
         shutil.rmtree(bundle, ignore_errors=True)
+
+
+def _report_mount(image: str, mountpoint: str, restarts_before: int | None) -> None:
+    """Say if the image's mount died under the container, or had its daemon replaced
+    (imagefs.supervisor): the container's status alone does not tell."""
+    from imagefs.mount import RunPaths, mount_health
+
+    health = mount_health(mountpoint)
+    log_path = RunPaths.of(mountpoint).log
+    if not health.alive:
+        log.warning("the mount of %s died under the container: %s; the container's reads failed from then on "
+                    "(log: %s)", image, health.problem, log_path)
+    elif health.restarts is not None and restarts_before is not None and health.restarts > restarts_before:
+        n = health.restarts - restarts_before
+        log.warning("the mount daemon of %s crashed %d time%s during the run and was replaced: the container's "
+                    "reads paused, none failed (log: %s)", image, n, "s" if n > 1 else "", log_path)
 
 
 def _run_runc(cid: str, bundle: str, rroot: str, spec: RunSpec, guard: SignalGuard, t0: float,

@@ -151,9 +151,12 @@ class VFS:
         *,
         name: str = "",
         neighbour_window: int = DEFAULT_NEIGHBOUR_WINDOW,
+        read_timeout: float | None = None,
     ) -> None:
         self.index = index
         self.reader = reader
+        # The budget of one read (a mount's --read-timeout): see read().
+        self.read_timeout = read_timeout
         self.name = name or index.digest or "image"
         self.neighbour_window = max(0, neighbour_window)
         self._statfs: StatFS | None = None
@@ -264,7 +267,9 @@ class VFS:
         """Up to ``size`` bytes of file ``ino`` from ``offset`` (short only at EOF).
 
         EIO, with a log line naming the image, the file and the chunk, when a chunk
-        cannot be had from any tier.
+        cannot be had from any tier, or not within ``read_timeout`` seconds: a read of
+        one chunk is one chain get, which keeps that deadline itself; a read of several
+        keeps it here, over all of them (one budget per FUSE request).
         """
         try:
             node = self.index.inode(ino)
@@ -305,9 +310,13 @@ class VFS:
                 except Exception as e:  # reported below, once per chunk, as EIO
                     results[i] = e
 
-        async with trio.open_nursery() as nursery:
-            for first, last in _runs(spans):
-                nursery.start_soon(fetch_run, first, last)
+        with trio.move_on_after(self.read_timeout if self.read_timeout is not None else float("inf")) as scope:
+            async with trio.open_nursery() as nursery:
+                for first, last in _runs(spans):
+                    nursery.start_soon(fetch_run, first, last)
+        if scope.cancelled_caught:
+            late = TimeoutError(f"not read within {self.read_timeout:g} s")
+            results = [late if r is None else r for r in results]
         parts: list[bytes | memoryview] = []
         failed: VFSError | None = None
         for (foff, ref), got in zip(spans, results):

@@ -181,16 +181,19 @@ def build_image(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     random_access_chunk_size: int = DEFAULT_RANDOM_ACCESS_CHUNK_SIZE,
     auth: AuthOptions | None = None,
+    max_layer_bytes: int | None = None,
 ) -> BuildResult:
     """Index ``source`` into ``store`` under ``name`` (None: the default name; "" for none).
 
     ``memory_budget``: compressed new chunks held in memory until the packs are
     written; the rest waits in a local spill file (see :mod:`indexer.chunker`).
+    ``max_layer_bytes``: the most one layer may decompress to (None: the default of
+    :mod:`indexer.sources.blobs`); a layer past it fails the build, storing nothing.
     """
     with gc_paused():
         return _build(source, store, name, platform=platform, insecure=insecure, chunk_size=chunk_size,
                       progress=progress, memory_budget=memory_budget,
-                      random_access_chunk_size=random_access_chunk_size, auth=auth)
+                      random_access_chunk_size=random_access_chunk_size, auth=auth, max_layer_bytes=max_layer_bytes)
 
 
 def _build(
@@ -205,6 +208,7 @@ def _build(
     memory_budget: int,
     random_access_chunk_size: int,
     auth: AuthOptions | None = None,
+    max_layer_bytes: int | None = None,
 ) -> BuildResult:
     start = time.monotonic()
     progress = progress or NullProgress()
@@ -238,7 +242,7 @@ def _build(
                 # overlap the tar parsing); finish() reads what the tar left, and the
                 # stream verifies the blob's digest, size and diff_id at its end. On an
                 # error the stream is released without reading on.
-                with layer.open() as stream:
+                with layer.open(max_layer_bytes) as stream:
                     reader = BackgroundReader(stream)
                     try:
                         apply_layer(tree, reader, f"{src.reference} {label}", spill.add_file)

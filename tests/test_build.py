@@ -268,6 +268,23 @@ def test_bad_input_is_refused_and_store_unchanged(tmp_path, capsys, case, compre
     assert dir_snapshot(root) == before
 
 
+def test_a_decompression_bomb_is_refused_and_store_unchanged(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from imagefs.cli import main
+
+    root = str(tmp_path / "store")
+    write_oci_layout(str(tmp_path / "good"), [make_tar([file("etc/ok", b"ok\n")])])
+    assert main(["-q", "index", f"oci:{tmp_path / 'good'}:latest", "--store", root, "--name", "good"]) == 0
+    before = dir_snapshot(root)
+    layout = str(tmp_path / "bomb")
+    write_oci_layout(layout, [make_tar([file("etc/ok", b"ok\n"), file("zeros", bytes(48 << 20))])], compression="gzip")
+    capsys.readouterr()
+    code = main(["index", f"oci:{layout}:latest", "--store", root, "--name", "bomb", "--max-layer-size", "16M"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("imagefs: ") and err.count("\n") == 1, err
+    assert layout in err and "decompresses to more than 16777216 bytes" in err and "--max-layer-size" in err, err
+    assert dir_snapshot(root) == before
+
+
 @pytest.mark.parametrize("status,words", [(401, "authentication required"), (404, "manifest unknown"), (500, "500")])
 def test_registry_errors_are_refused_and_store_unchanged(tmp_path, capsys, status: int, words: str) -> None:  # type: ignore[no-untyped-def]
     from imagefs.cli import main

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
 import pytest
 import trio
+import trio.testing
 
 from cache.blobtier import BlobTier
 from cache.chain import ChunkChain, ChunkUnavailable
 from cache.chunk import ChunkRef, CorruptChunk, digest_of
+from cache.localstore import LocalStore
 from cache.memory import MemoryTier
 from cache.ssd import SSDTier
 from tests.support.chunks import CountingStore, overwrite_in_pack, random_chunks, write_pack
@@ -526,3 +529,76 @@ def test_prefetch_waits_for_write_behind_room_instead_of_dropping(store: Countin
     s = chain.stats()
     assert s.fill_dropped == 0 and s.fill_pending == 0
     assert ssd.contains_many(r.digest for r in refs) == {r.digest for r in refs}
+
+
+# ---- deadlines (issue 12: a stalled store costs a reader the deadline, no more) ------
+
+class StalledStore(CountingStore):
+    """A real LocalStore whose ranged reads hang until released, as a SIGSTOPped server
+    would: the reading thread blocks, and nothing the chain does can end it."""
+
+    def __init__(self, root: str, *, retries_itself: bool = False) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+        self.retries_itself = retries_itself
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        with self._lock:
+            self.calls.append((key, offset, length))
+        self.release.wait()
+        return LocalStore.get_range(self, key, offset, length)
+
+
+@pytest.mark.parametrize("retries_itself", [False, True])
+def test_a_stalled_store_costs_a_get_its_deadline_once(tmp_path: Path, retries_itself: bool) -> None:
+    store = StalledStore(str(tmp_path / "store"), retries_itself=retries_itself)
+    refs = write_pack(store, random_chunks(3, 16 * KIB, seed=30))
+    chain = make_chain(store, retries=3, backoff=0.01, deadline=30.0, failure_hold=1.0)
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        t0 = trio.current_time()
+        with pytest.raises(ChunkUnavailable, match=f"{refs[0].hex[:16]}.*within 30 s"):
+            await chain.get(refs[0], refs[1:])
+        seen["waited"] = trio.current_time() - t0
+        # The kernel's immediate re-read of a failed readahead: answered at once, no new read.
+        t1 = trio.current_time()
+        with pytest.raises(ChunkUnavailable, match=refs[0].hex[:16]):
+            await chain.get(refs[0])
+        await trio.sleep(0.1)
+        with pytest.raises(ChunkUnavailable, match="failed again at once"):
+            await chain.get(refs[0])
+        seen["hold_wait"] = trio.current_time() - t1
+        await trio.sleep(1.5)  # past the hold: a real new attempt, with its own deadline
+        with pytest.raises(ChunkUnavailable, match="within 30 s"):
+            await chain.get(refs[0])
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        store.release.set()  # let the abandoned reading threads finish
+    assert seen["waited"] == 30.0  # virtual time: exactly the deadline
+    assert seen["hold_wait"] == pytest.approx(0.1)  # no wait but the test's own sleep
+    for _ in range(100):  # the abandoned threads run in real time: let them record their calls
+        if store.range_reads >= 2:
+            break
+        time.sleep(0.02)
+    time.sleep(0.1)
+    # One call per fetch however many retries are configured: the first, and the one after the hold.
+    assert store.range_reads == 2
+    assert chain.stats().unavailable == 2
+
+
+def test_a_store_that_retries_itself_is_called_once_per_fetch(store: CountingStore) -> None:
+    ref = write_pack(store, random_chunks(1, 16 * KIB, seed=31))[0]
+    store.delete(ref.pack)
+    store.retries_itself = True  # type: ignore[attr-defined]
+    chain = make_chain(store, retries=3, backoff=0.01)
+
+    async def main() -> None:
+        for _ in range(2):  # a quick failure is not held: the second get tries again
+            with pytest.raises(ChunkUnavailable, match="blob store failed 1 time:"):
+                await chain.get(ref)
+
+    run(main)
+    assert store.range_reads == 2 and chain.stats().retries == 0

@@ -385,8 +385,11 @@ def test_a_killed_daemon_leaves_metadata_and_eio_and_umount_removes_both(
     mp = os.path.join(env, "mnt-killed")
     with mounted("edge", mp, _opts(env, store, "killed")) as m:
         blob = RunPaths.of(mp).beside(".blob")
+        server = query_stats(mp)["server_pid"]  # killed with its supervisor (tests/test_revive.py: alone)
         os.kill(m.pid, signal.SIGKILL)
         reap_daemon(m.pid)
+        os.kill(server, signal.SIGKILL)
+        reap_daemon(server)
         assert "entry-0001" in os.listdir(os.path.join(mp, "many"))  # the kernel still has the tree
         with open(os.path.join(mp, "hard/a"), "rb") as f:  # but nobody serves the bytes
             with pytest.raises(OSError) as e:

@@ -403,7 +403,8 @@ def test_prefetch_brings_the_image_to_the_ssd_tier_in_the_background(env: str, s
             assert time.monotonic() < deadline, query_stats(m.path)
             time.sleep(0.05)
         stats = query_stats(m.path)
-        assert stats["prefetch"] == {"state": "done", "planned": index.n_chunks, "fetched": index.n_chunks}
+        n = index.n_chunks
+        assert stats["prefetch"] == {"state": "done", "planned": n, "fetched": n, "stored": n, "failed": 0}
         assert stats["cache"]["prefetched"] == index.n_chunks
         before = stats["cache"]["tiers"]["blob"]["requests"]
         for i, data in enumerate(PAR):  # nothing was read yet; now everything is local
@@ -541,10 +542,14 @@ def test_sigterm_unmounts_cleanly(env: str, store: str, fs: str) -> None:
 
 
 def test_a_killed_daemon_leaves_a_dead_mount_that_umount_removes(env: str, store: str) -> None:
+    """A server killed with its supervisor (see tests/test_revive.py for one killed alone)."""
     mp = os.path.join(env, "mnt-killed")
     with mounted("main", mp, _opts(env, store, "killed")) as m:
+        server = query_stats(mp)["server_pid"]
         os.kill(m.pid, signal.SIGKILL)
         reap_daemon(m.pid)
+        os.kill(server, signal.SIGKILL)
+        reap_daemon(server)
         assert _errno(os.listdir, mp) == errno.ENOTCONN
         with pytest.raises(MountError, match="dead imagefs mount"):
             start_mount("main", mp, _opts(env, store, "killed"))
@@ -555,6 +560,26 @@ def test_a_killed_daemon_leaves_a_dead_mount_that_umount_removes(env: str, store
         assert not os.path.exists(RunPaths.of(mp).record)
     with mounted("main", mp, _opts(env, store, "killed")) as m:  # the mountpoint is usable again
         assert os.path.getsize(_p(m, "big")) == len(BIG)
+
+
+@pytest.mark.parametrize("fs", FS_MODES)
+def test_umount_of_a_busy_mount_detaches_it_and_returns_at_once(env: str, store: str, fs: str) -> None:
+    """Issue 12: it waited ~10 s for a daemon that serves the open files until they close."""
+    from imagefs.mount import unmount
+
+    mp = os.path.join(env, "mnt-busy")
+    with mounted("main", mp, _opts(env, store, "busy", fs)) as m:
+        with open(_p(m, "big"), "rb") as f:
+            t0 = time.monotonic()
+            unmount(mp)
+            assert time.monotonic() - t0 < 5
+            assert not is_mounted(mp)  # detached: no new user can reach it
+            assert f.read() == BIG  # the open file is still served
+            assert os.path.exists(f"/proc/{m.pid}")
+        deadline = time.monotonic() + 10  # and the daemon goes with the last open file
+        while os.path.exists(f"/proc/{m.pid}") and open(f"/proc/{m.pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the daemon outlived its last open file"
+            time.sleep(0.05)
 
 
 # -- the command --------------------------------------------------------------------------

@@ -256,6 +256,31 @@ def test_manifest_that_does_not_match_its_digest() -> None:
             open_source(f"docker://{srv.host}/app:v1")
 
 
+def test_a_layer_whose_length_differs_from_its_descriptor_is_refused_before_its_body() -> None:
+    layer = b"x" * 50
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256(layer)]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config), "size": len(config)},
+        "layers": [{"mediaType": LAYER_MEDIA_TYPES["none"], "digest": sha256(layer), "size": 100}],
+    }).encode()
+
+    def handler(srv: Any, h: http.server.BaseHTTPRequestHandler) -> None:
+        if "/manifests/" in h.path:
+            reply(h, 200, manifest, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        elif h.path.endswith(sha256(config)):
+            reply(h, 200, config)
+        else:
+            reply(h, 200, layer)
+
+    with TinyServer(handler) as srv:
+        src = open_source(f"docker://{srv.host}/app:1")
+        with pytest.raises(SourceError) as e:
+            src.layers[0].open()
+    assert str(e.value) == (f"docker://{srv.host}/app:1: layer blob {sha256(layer)}: size mismatch: the manifest "
+                            "says 100 bytes, the registry sends 50")
+
+
 def test_connection_refused_and_timeout() -> None:
     port = free_port()
     with pytest.raises(SourceError) as e:

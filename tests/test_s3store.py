@@ -88,6 +88,22 @@ def test_stall_longer_than_read_timeout_is_retried(store: S3Store, proxy: FaultP
     assert READ_TIMEOUT * 0.9 <= elapsed < 3, f"{elapsed:.2f}s: should give up on the stall and retry"
 
 
+def test_a_call_timeout_bounds_every_attempt_together(seaweed: Seaweed, proxy: FaultProxy) -> None:  # noqa: F811
+    """A stalled store costs a call its budget, not attempts x read timeout: the
+    attempts' timeouts are cut to fit, and no attempt starts once it is spent."""
+    store = seaweed.store(f"s3store/{uuid.uuid4().hex[:12]}", endpoint_url=proxy.url, read_timeout=30,
+                          max_attempts=5, backoff_base=0.01, call_timeout=2.0)
+    store.put("stalled", b"y" * 1000)
+    proxy.stall_next(100, seconds=20)
+    before = store.stats().requests
+    start = time.monotonic()
+    with pytest.raises(BlobStoreError, match=r"stalled: gave up after 2 attempts in 2 s"):
+        store.get_range("stalled", 0, 10)
+    assert time.monotonic() - start < 5  # 2 x 1 s, not 5 x 30 s
+    assert proxy.stalled == 2 and store.stats().requests - before == 2
+    assert S3Store.retries_itself  # the chain relies on it not to retry on top
+
+
 def test_cut_connection_is_retried(store: S3Store, proxy: FaultProxy) -> None:
     store.put("cut", b"data")
     proxy.cut_next(2)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,50 @@ def test_digest_and_size_mismatch(tmp_path: Path) -> None:
         blob_layer(raw, LAYER_MEDIA_TYPES["gzip"], size=len(raw) + 5).open().read()
     with pytest.raises(SourceError, match=r"size mismatch: blob is longer than the 1000 bytes its descriptor says"):
         blob_layer(raw, LAYER_MEDIA_TYPES["gzip"], size=1000).open().read()
+
+
+@pytest.mark.parametrize("media", ["gzip", "zstd"])
+def test_a_decompression_bomb_is_refused_as_soon_as_it_passes_the_limit(media: str) -> None:
+    bomb = make_tar({"zeros": bytes(64 << 20)})  # 64 MiB of zeros: ~64 KiB of gzip, less of zstd
+    raw = compress(bomb, media)
+    assert len(raw) < len(bomb) // 500
+    stream = blob_layer(raw, LAYER_MEDIA_TYPES[media]).open(max_bytes=8 << 20)
+    with pytest.raises(SourceError) as e:
+        stream.read()
+    msg = str(e.value)
+    assert msg.startswith(f"layer {sha256(raw)} of test:blob: decompresses to more than {8 << 20} bytes")
+    assert "decompression bomb" in msg and "--max-layer-size" in msg
+    with pytest.raises(SourceError, match="decompresses to more than"):
+        stream.read(1)  # the verdict stands
+    stream.close()
+    assert blob_layer(raw, LAYER_MEDIA_TYPES[media]).open(max_bytes=len(bomb)).read() == bomb  # at the limit: fine
+    with blob_layer(raw, LAYER_MEDIA_TYPES[media]).open() as f:  # the default limit is far above this
+        assert len(f.read()) == len(bomb)
+
+
+def test_a_bomb_is_stopped_early_not_decompressed_to_its_end() -> None:
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # a gzip stream of 1.5 GiB of zeros, ~1.5 MB
+    zeros = bytes(16 << 20)
+    raw = b"".join(z.compress(zeros) for _ in range(96)) + z.flush()
+    assert len(raw) > 1 << 20  # more than one raw block of the stream
+    stream = blob_layer(raw, LAYER_MEDIA_TYPES["gzip"]).open(max_bytes=64 << 20)
+    with pytest.raises(SourceError, match="decompression bomb"):
+        stream.read()
+    assert stream.bytes_read <= 1 << 20  # one raw block read, of ~1.5 MB
+
+
+def test_a_layout_whose_manifest_lies_about_a_layer_size_is_refused_before_reading(tmp_path: Path) -> None:
+    root = tmp_path / "layout"
+    write_oci_layout(str(root), LAYERS, compression="gzip")
+    index = json.loads((root / "index.json").read_bytes())
+    manifest_digest = index["manifests"][0]["digest"]
+    manifest = manifest_of(root, manifest_digest)
+    layer = manifest["layers"][1]
+    layer["size"] += 1
+    replace_blob(root, manifest_digest, json.dumps(manifest).encode())
+    with pytest.raises(SourceError) as e:
+        open_source(f"oci:{root}")
+    assert f"layer blob {layer['digest']}: size mismatch: the manifest says {layer['size']} bytes" in str(e.value)
 
 
 def test_verification_happens_on_close_after_the_tar_end(tmp_path: Path) -> None:

@@ -63,6 +63,52 @@ def test_stays_under_bound_while_writing_much_more(tmp_path: Path) -> None:
         assert ssd.get(ref_for(chunks[0])) is None
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 8 MiB file system (tmpfs), much smaller than the tier's bound."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_disk_smaller_than_the_bound_evicts_instead_of_failing(small_disk: Path) -> None:
+    """Issue 12: a cache disk smaller than --cache-size filled once and then every
+    fill failed with ENOSPC, for good. Fills now keep a reserve free and make room."""
+    chunks = random_chunks(64, 256 * KIB, seed=7)  # 16 MiB through an 8 MiB disk, bound 1 GiB
+    with SSDTier(str(small_disk / "cache"), 1 << 30) as ssd:
+        for i in range(0, len(chunks), 4):
+            batch = [(ref_for(c), c) for c in chunks[i:i + 4]]
+            assert ssd.put_many(batch) == 4, f"batch {i // 4} was not stored"
+            assert all(ssd.get(r) == c for r, c in batch)  # the newest are there and verify
+        total, count = ssd.usage()
+        assert total <= 8 << 20 and count < 64
+        assert ssd.stats().evictions == 64 - count
+        assert sum(files_on_disk(small_disk / "cache").values()) == total
+        free = os.statvfs(small_disk)
+        assert free.f_bavail * free.f_frsize > 0  # the reserve: LMDB can still commit
+        assert ssd.get(ref_for(chunks[0])) is None
+
+
+def test_a_disk_filled_by_someone_else_makes_room_for_a_fill(small_disk: Path) -> None:
+    chunks = random_chunks(8, 256 * KIB, seed=8)
+    with SSDTier(str(small_disk / "cache"), 1 << 30) as ssd:
+        ssd.put_many([(ref_for(c), c) for c in chunks[:6]])
+        with open(small_disk / "other", "wb") as f:  # another user of the disk fills it up
+            try:
+                while True:
+                    f.write(b"\0" * (64 * KIB))
+                    f.flush()
+            except OSError:
+                pass
+        assert ssd.put_many([(ref_for(c), c) for c in chunks[6:]]) == 2
+        assert ssd.get(ref_for(chunks[7])) == chunks[7]
+        assert ssd.stats().evictions >= 2
+
+
 def test_evicts_least_recently_used_first(tmp_path: Path) -> None:
     a, b, c, d, e = random_chunks(5, 256 * KIB, seed=2)
     with SSDTier(str(tmp_path), 1 << 20, touch_after=0, touch_batch=1) as ssd:

@@ -25,6 +25,8 @@ import os
 import stat
 from typing import TYPE_CHECKING, Iterator, Sequence, overload
 
+import trio
+
 from cache.chunk import ChunkRef
 from cache.tier import ChunkReader
 from indexer.erofs.slots import SlotMap
@@ -79,8 +81,10 @@ class BlobFS:
     """The virtual blob of one index, readable as ``/blob`` of a FUSE mount."""
 
     def __init__(self, index: "Index", slots: SlotMap, reader: ChunkReader, *, name: str = "",
-                 neighbour_window: int = DEFAULT_NEIGHBOUR_WINDOW) -> None:
+                 neighbour_window: int = DEFAULT_NEIGHBOUR_WINDOW, read_timeout: float | None = None) -> None:
         self.index = index
+        # The budget of one read (a mount's --read-timeout), as in imagefs.vfs.VFS.read.
+        self.read_timeout = read_timeout
         self.slots = slots
         self.reader = reader
         self.name = name or index.digest or "image"
@@ -180,9 +184,14 @@ class BlobFS:
         # fetch (with the others as its neighbours) brings them all and the rest are
         # memory hits, as a plain mount reads a run (imagefs.vfs).
         got: dict[int, bytes] = {}
-        for n, _inside, _take in pieces:
-            if n >= 0 and n not in got:
-                got[n] = await self._get(n)
+        n = -1
+        with trio.move_on_after(self.read_timeout if self.read_timeout is not None else float("inf")):
+            for n, _inside, _take in pieces:
+                if n >= 0 and n not in got:
+                    got[n] = await self._get(n)
+            n = -1
+        if n >= 0:  # the budget of the whole read ran out while chunk n was awaited
+            raise self._failed(n, self.index.chunk(n), TimeoutError(f"not read within {self.read_timeout:g} s"))
         return b"".join(_zeros(take) if n < 0 else memoryview(got[n])[inside: inside + take]
                         for n, inside, take in pieces)
 

@@ -103,8 +103,8 @@ class ErofsMount:
     # FUSE options of the blob mount: root only (no allow_other), read-only.
     fuse_options = frozenset({"fsname=imagefs-blob", "subtype=imagefs-blob", "ro"})
 
-    def filesystem(self, reader: "ChunkReader", name: str) -> BlobFS:
-        return BlobFS(self.index, self.slots, reader, name=name)
+    def filesystem(self, reader: "ChunkReader", name: str, read_timeout: float | None = None) -> BlobFS:
+        return BlobFS(self.index, self.slots, reader, name=name, read_timeout=read_timeout)
 
     def mount(self) -> None:
         """(blocking; the FUSE loop must be running) Put EROFS on the mountpoint."""

@@ -34,10 +34,12 @@ class LayerBlob:
     opener: Callable[[], BinaryIO] = field(repr=False)
     source: str = ""
 
-    def open(self) -> BinaryIO:
-        from indexer.sources.blobs import open_layer
+    def open(self, max_bytes: int | None = None) -> BinaryIO:
+        """The verified, uncompressed tar stream; it may decompress to ``max_bytes`` at
+        most (None: :data:`indexer.sources.blobs.DEFAULT_MAX_LAYER_BYTES`)."""
+        from indexer.sources.blobs import DEFAULT_MAX_LAYER_BYTES, open_layer
 
-        return open_layer(self)
+        return open_layer(self, DEFAULT_MAX_LAYER_BYTES if max_bytes is None else max_bytes)
 
 
 @dataclass

@@ -17,6 +17,10 @@ What is checked:
   past the descriptor's size (stopped as soon as it does);
 * the compressed stream's integrity: a truncated or corrupt gzip/zstd stream is an
   error, never a silently short tar;
+* the uncompressed size against a limit (``max_bytes``; ``imagefs index
+  --max-layer-size``), as it streams: a decompression bomb (10 GiB of zeros in a 10 MB
+  gzip blob) is refused as soon as it passes the limit instead of being decompressed
+  for minutes, since neither the manifest nor the stream declares the uncompressed size;
 * the config's ``diff_id`` (sha256 of the uncompressed tar), always. The raw digest
   pins the compressed bytes, but a publisher's corrupt zstd frame without a content
   checksum decompresses, deterministically, to the wrong tar: only the diff_id
@@ -50,6 +54,10 @@ BLOCK_SIZE = 1 << 20
 # out of them, and a chunk that lies inside one block is handed on without a copy
 # (3 in 4 of them at this size).
 ZSTD_BLOCK_SIZE = 4 << 20
+# The most one layer may decompress to unless the caller says otherwise: larger than any
+# layer seen in practice (CUDA and model layers run to tens of GB), small enough that a
+# decompression bomb costs minutes of CPU at most, not hours.
+DEFAULT_MAX_LAYER_BYTES = 64 << 30
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -92,15 +100,16 @@ def layer_compression(media_type: str, what: str) -> str:
     return kind
 
 
-def open_layer(layer: LayerBlob) -> BinaryIO:
-    """The uncompressed tar stream of ``layer``, verified as it is read (see module doc)."""
+def open_layer(layer: LayerBlob, max_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> BinaryIO:
+    """The uncompressed tar stream of ``layer``, verified as it is read (see module doc);
+    it may decompress to ``max_bytes`` at most."""
     name = _layer_name(layer)
     kind = layer_compression(layer.media_type, name)
     try:
         raw = layer.opener()
     except OSError as e:
         raise SourceError(f"{name}: cannot open blob: {e}") from e
-    return LayerStream(layer, raw, kind)
+    return LayerStream(layer, raw, kind, max_bytes=max_bytes)
 
 
 def _layer_name(layer: LayerBlob) -> str:
@@ -346,9 +355,12 @@ class LayerStream(io.BufferedIOBase):
     :meth:`close`, after reading the rest (see the module doc).
     """
 
-    def __init__(self, layer: LayerBlob, raw: BinaryIO, kind: str) -> None:
+    def __init__(self, layer: LayerBlob, raw: BinaryIO, kind: str, *,
+                 max_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> None:
         super().__init__()
         self._layer = layer
+        self._max_bytes = max_bytes
+        self._out = 0  # uncompressed bytes so far
         self._name = name = _layer_name(layer)
         self._src = src = _RawReader(raw, layer.size, name)
         self._error: BaseException | None = None
@@ -402,11 +414,20 @@ class LayerStream(io.BufferedIOBase):
             return b""
         block = self._guard(self._decoder.next_block)
         if block:
+            self._out += len(block)
+            if self._out > self._max_bytes:
+                self._guard(self._too_large)
             if self._usha is not None:
                 self._usha.update(block)
             return block
         self._guard(self._verify)
         return b""
+
+    def _too_large(self) -> None:
+        raise SourceError(
+            f"{self._name}: decompresses to more than {self._max_bytes} bytes (after {self._src.count} of its "
+            f"{self._layer.size} {self.compression} bytes): refused as a likely decompression bomb; if the "
+            f"layer is genuine, raise the limit (imagefs index --max-layer-size)")
 
     def _verify(self) -> None:
         raw_digest = "sha256:" + self._src.sha.hexdigest()

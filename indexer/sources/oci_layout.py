@@ -118,6 +118,10 @@ def open_layout(files: LayoutFiles, reference: str, tag: str | None, platform: s
         path = blob_path(desc.digest, what)
         if not files.exists(path):
             raise SourceError(f"{what}: layer blob {desc.digest} is missing ({path})")
+        # The manifest's size, checked before any layer is read (the stream checks it again).
+        if files.size(path) != desc.size:
+            raise SourceError(f"{what}: layer blob {desc.digest}: size mismatch: the manifest says {desc.size} "
+                              f"bytes, {path} has {files.size(path)}")
 
         def opener() -> BinaryIO:
             try:

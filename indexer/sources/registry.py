@@ -378,11 +378,19 @@ class RegistryClient:
             raise SourceError(f"{self.display}: manifest digest mismatch: registry says {header}, content is {got}")
         return body, resp.getheader("Content-Type") or ""
 
-    def open_blob(self, digest: str, what: str = "blob") -> BinaryIO:
-        """A blob's raw bytes as a stream (not verified here: the caller does that)."""
+    def open_blob(self, digest: str, what: str = "blob", size: int | None = None) -> BinaryIO:
+        """A blob's raw bytes as a stream (not verified here: the caller does that). With
+        ``size`` (the descriptor's), a response announcing another length is refused
+        before its body is read."""
         resp, conn = self._get(f"/v2/{self.ref.repo}/blobs/{digest}")
         if resp.status != 200:
             raise self._fail(resp, conn, f"{what} {digest}", f"{what} {digest} not found")
+        length = resp.getheader("Content-Length")
+        if size is not None and length is not None and length.strip().isdigit() and int(length) != size:
+            resp.close()
+            conn.close()
+            raise SourceError(f"{self.display}: {what} {digest}: size mismatch: the manifest says {size} bytes, "
+                              f"the registry sends {int(length)}")
         return cast(BinaryIO, _BlobStream(resp, conn, f"{self.display}: {what} {digest}"))
 
 
@@ -403,7 +411,7 @@ def open_registry(ref: str, platform: str | None = None, insecure: bool = False,
         return data
 
     def layer_opener(desc: Descriptor) -> Callable[[], BinaryIO]:
-        return lambda: client.open_blob(desc.digest, "layer blob")
+        return lambda: client.open_blob(desc.digest, "layer blob", desc.size)
 
     return resolve_image(display, top, media_type, platform=platform,
                          fetch_manifest=fetch_manifest, fetch_config=fetch_config, layer_opener=layer_opener)
