@@ -19,6 +19,10 @@ DEBIAN_PACKAGES=(
   tini libc6-dev                                               # imagefs run --init; static test programs
   erofs-utils                                                  # fsck.erofs: a second reader of imagefs's EROFS metadata
 )
+# containerd (1.6 on Debian 12, with ctr): imagefs snapshotter plugs into it, and its tests
+# start their own. A host that has containerd already (Docker's containerd.io package,
+# which conflicts with Debian's) keeps it.
+command -v containerd >/dev/null || DEBIAN_PACKAGES+=(containerd)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
@@ -49,6 +53,9 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]" --config-settings editable_mode=compat
   echo "$WANT" > "$STAMP"
 fi
+# containerd's gRPC stubs are generated here, against the protobuf just installed
+# (imagefs/containerd_api/__init__.py says why they are not committed); ~1 s.
+PYTHON="$VENV/bin/python" bash "$ROOT/tools/gen_containerd_api.sh"
 # Byte-compile the project (an editable install does not, and PYTHONDONTWRITEBYTECODE
 # would stop Python from doing it later): every imagefs process imports these at
 # start, and compiling them from source cost a mount ~25 ms. Fast when up to date.
