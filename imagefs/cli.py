@@ -37,6 +37,7 @@ COMMANDS = {
     "cache-server": "imagefs.cli_cache_server", "profile": "imagefs.cli_profile", "optimize": "imagefs.cli_profile",
     "rm": "imagefs.cli_images", "rmi": "imagefs.cli_images", "tag": "imagefs.cli_images",
     "gc": "imagefs.cli_images", "prune": "imagefs.cli_images",
+    "snapshotter": "imagefs.cli_snapshotter", "pull": "imagefs.cli_snapshotter",
 }
 
 
