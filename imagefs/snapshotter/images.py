@@ -55,6 +55,9 @@ class StoreImage:
     chain: tuple[str, ...]  # chain ID after each layer
     layer_digests: tuple[str, ...]  # compressed digests, as the manifest listed them
     manifest_digest: str
+    layers: tuple[tuple[str, int, str], ...] = ()  # (digest, size, media type) of each layer
+    diff_ids: tuple[str, ...] = ()
+    source: str = ""  # where it was indexed from (docker://... for a registry)
 
     @property
     def top(self) -> str:
@@ -72,8 +75,9 @@ def image_from_meta(digest: str, name: str, meta: dict) -> StoreImage | None:
         chain = chain_ids([str(d) for d in diff_ids])
     except ValueError:
         return None
-    return StoreImage(digest, name, tuple(chain), tuple(str(l.get("digest", "")) for l in layers),
-                      str(meta.get("manifest_digest") or ""))
+    descs = tuple((str(l.get("digest", "")), int(l.get("size") or 0), str(l.get("media_type") or "")) for l in layers)
+    return StoreImage(digest, name, tuple(chain), tuple(d[0] for d in descs), str(meta.get("manifest_digest") or ""),
+                      descs, tuple(str(d) for d in diff_ids), str(meta.get("source") or ""))
 
 
 class StoreImages:
@@ -134,6 +138,11 @@ class StoreImages:
         """A store image whose whole tree is the snapshot ``chain`` names."""
         self._maybe_refresh(chain in self._by_top)
         return self._by_top.get(chain)
+
+    def containing(self, chain: str) -> list[tuple[StoreImage, int]]:
+        """Store images whose layers include ``chain`` (with its depth, 1-based)."""
+        self._maybe_refresh(chain in self._by_chain)
+        return list(self._by_chain.get(chain, []))
 
     def provider(self, chain: str, labels: dict[str, str]) -> StoreImage | None:
         """The store image that makes ``chain`` a remote snapshot for the image being

@@ -213,6 +213,18 @@ class MetaStore:
         assert out is not None
         return out
 
+    def make_local(self, key: str, usage: tuple[int, int]) -> Snapshot:
+        """A remote snapshot whose directory now holds its layer becomes an ordinary one."""
+        with self._tx() as db:
+            snap = self._get(db, key)
+            if snap is None:
+                raise NotFound(f"snapshot {key} does not exist")
+            db.execute("UPDATE snapshots SET chain = NULL, size = ?, inodes = ? WHERE id = ?",
+                       (usage[0], usage[1], snap.id))
+            out = self._get(db, key)
+        assert out is not None
+        return out
+
     def ids(self) -> set[int]:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT id FROM snapshots")}

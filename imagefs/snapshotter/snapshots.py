@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from typing import Callable
 
 from imagefs.snapshotter import filters
@@ -43,6 +44,7 @@ class Snapshotter:
         self.meta = MetaStore(os.path.join(self.root, "metadata.db"))
         self.images = images
         self.image_mounts = mounts
+        self._materialize_lock = threading.Lock()
 
     def close(self) -> None:
         self.meta.close()
@@ -181,30 +183,42 @@ class Snapshotter:
         """Mode, uid and gid of the topmost parent's root directory (None: no parent)."""
         if not parents:
             return None
-        top = parents[0]
-        path = self.image_mounts.ensure(self._image_of(top)) if top.remote else self._fs(top)
-        st = os.stat(path)
+        st = os.stat(self._layer_dir(parents[0])[0])
         return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
-    def _image_of(self, snap: Snapshot) -> str:
-        """The digest of the store image whose whole tree is the remote snapshot ``snap``."""
-        assert snap.chain is not None
-        image = self.images.by_top(snap.chain)
-        if image is None:
-            raise FailedPrecondition(
-                f"snapshot {snap.key} is layer {snap.chain} of an imagefs image, but no image in the store ends "
-                "with that layer: imagefs serves whole images only (was the image removed from the store?)")
-        return image.digest
+    def _layer_dir(self, snap: Snapshot) -> tuple[str, bool]:
+        """The directory that stands for committed ``snap`` in a stack, and whether it is
+        a whole image (nothing below it counts). A remote snapshot is the image mount
+        of the store image that ends with it; one below an image's top that a container
+        or another image's layer builds on is made real first (:mod:`.materialize`)."""
+        if snap.remote:
+            assert snap.chain is not None
+            image = self.images.by_top(snap.chain)
+            if image is not None:
+                return self.image_mounts.ensure(image.digest), True
+            snap = self._materialize(snap)
+        return self._fs(snap), False
+
+    def _materialize(self, snap: Snapshot) -> Snapshot:
+        from imagefs.snapshotter.materialize import materialize
+
+        with self._materialize_lock:
+            current = self.meta.require(snap.key)
+            if not current.remote:
+                return current  # another call did it meanwhile
+            if not os.path.isdir(self._dir(current)):
+                materialize(current, self.images, self._dir(current))
+            return self.meta.make_local(current.key, _usage(self._fs(current)))
 
     def _lowers(self, parent: str) -> list[str]:
         """The directories a snapshot on ``parent`` stacks, topmost first; a remote
-        snapshot is the whole image below it, so the walk stops there."""
+        snapshot that is a whole image ends the walk."""
         lowers = []
         for snap in self.meta.ancestry(parent) if parent else []:
-            if snap.remote:
-                lowers.append(self.image_mounts.ensure(self._image_of(snap)))
+            path, whole = self._layer_dir(snap)
+            lowers.append(path)
+            if whole:
                 break
-            lowers.append(self._fs(snap))
         return lowers
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:

@@ -104,8 +104,9 @@ def _wait_ready(host: str, proc: subprocess.Popen[bytes], log: str) -> None:
     raise RuntimeError(f"docker-registry on {host} did not answer /v2/ within 15 s")
 
 
-def start_registry(root: str, htpasswd: str | None = None) -> Registry:
-    """Start docker-registry with storage under ``root`` on a free loopback port."""
+def start_registry(root: str, htpasswd: str | None = None, *, access_log: bool = False) -> Registry:
+    """Start docker-registry with storage under ``root`` on a free loopback port
+    (``access_log``: requests go to ``root/registry.log``, for :func:`blob_gets`)."""
     if not os.path.exists(REGISTRY_BIN):
         pytest.skip(f"{REGISTRY_BIN} is not installed (Debian package docker-registry)")
     host = f"127.0.0.1:{free_port()}"
@@ -115,7 +116,7 @@ def start_registry(root: str, htpasswd: str | None = None) -> Registry:
     with open(config, "w") as f:
         f.write(
             "version: 0.1\n"
-            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"log:\n  level: warn\n  accesslog:\n    disabled: {'false' if access_log else 'true'}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {root}/data\n  delete:\n    enabled: true\n"
             f"http:\n  addr: {host}\n"
             + auth
@@ -130,6 +131,14 @@ def start_registry(root: str, htpasswd: str | None = None) -> Registry:
         proc.wait()
         raise
     return Registry(host, proc, root)
+
+
+def blob_gets(reg: Registry, repo: str) -> list[str]:
+    """Digests of the blobs of ``repo`` that clients GOT from ``reg`` so far (a
+    registry started with ``access_log=True``), one entry per request."""
+    pattern = re.compile(rf'"GET /v2/{re.escape(repo)}/blobs/(sha256:[0-9a-f]{{64}}) HTTP')
+    with open(os.path.join(reg.root, "registry.log"), errors="replace") as f:
+        return [m.group(1) for line in f for m in [pattern.search(line)] if m]
 
 
 def stop_registry(reg: Registry) -> None:
