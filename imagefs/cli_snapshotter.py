@@ -34,8 +34,9 @@ Then:
 Layers of images the store has are reported to containerd as existing and never
 downloaded; the container's rootfs is an overlay over one lazy imagefs mount of the
 whole image, shared by every container of that image. Other images (or layers) are
-unpacked as usual. Snapshots are kept in ROOT/metadata.db and survive restarts of
-the snapshotter and of containerd; image mounts outlive the snapshotter.
+unpacked as usual; a layer below an image's top that another image builds on is
+downloaded and unpacked once, then. Snapshots are kept in ROOT/metadata.db and survive
+restarts of the snapshotter and of containerd; image mounts outlive the snapshotter.
 """
 
 
@@ -51,9 +52,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = sub.add_parser(
         "snapshotter",
         help="serve containerd's snapshots API: containerd, nerdctl and Kubernetes start imagefs images lazily",
-        description="Run containerd's remote snapshotter for imagefs: a long-running daemon that serves "
-        "containerd's snapshots gRPC API on a unix socket, for a proxy_plugins entry in containerd's config. "
-        "Mount options (--store, --cache-dir, --az-cache, ...) apply to the image mounts it makes.",
+        description="Run containerd's remote snapshotter for imagefs: a long-running daemon that serves\n"
+        "containerd's snapshots gRPC API on a unix socket, for a proxy_plugins entry in containerd's\n"
+        "config. Mount options (--store, --cache-dir, --az-cache, ...) apply to the image mounts it makes.",
         epilog=SNAPSHOTTER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--address", metavar="SOCKET", default=None,
