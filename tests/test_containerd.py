@@ -14,6 +14,7 @@ from typing import Iterator
 import pytest
 
 from cache.localstore import LocalStore
+from imagefs.snapshotter.chain import chain_ids
 from indexer.build import build_image
 from tests.support.containerd import Containerd, Snapshotter, have_containerd
 from tests.support.containers import busybox_entries, can_run_containers
@@ -36,6 +37,7 @@ class World:
         self.base, self.reg, self.store, self.sn, self.cd = base, reg, store, sn, cd
         self.indexed = f"{reg.host}/indexed:1"
         self.plain = f"{reg.host}/plain:1"
+        self.indexed_top = ""  # the chain ID of the indexed image's top layer
 
     def pull(self, ref: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "imagefs", "pull", "--address", self.cd.address, ref],
@@ -66,7 +68,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = str(tmp_path_factory.mktemp("ctrd"))
     reg = start_registry(os.path.join(base, "registry"), access_log=True)
     busybox = make_tar(busybox_entries())
-    write_oci_layout(os.path.join(base, "indexed"), [busybox, make_tar([file("data/blob", BLOB)])], CONFIG)
+    data = make_tar([file("data/blob", BLOB)])
+    write_oci_layout(os.path.join(base, "indexed"), [busybox, data], CONFIG)
     write_oci_layout(os.path.join(base, "plain"), [busybox, make_tar([file("data/other.txt", b"not in imagefs\n")])],
                      CONFIG)
     reg.push(os.path.join(base, "indexed"), "latest", "indexed", dest_tag="1")
@@ -83,6 +86,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     sn.start()
     cd.start()
     w = World(base, reg, store, sn, cd)
+    w.indexed_top = chain_ids(["sha256:" + hashlib.sha256(t).hexdigest() for t in (busybox, data)])[-1]
     try:
         yield w
     finally:
@@ -165,8 +169,7 @@ def test_snapshots_survive_restarts_of_the_snapshotter_and_of_containerd(world: 
 
 
 def test_containerd_error_codes_reach_ctr(world: World) -> None:
-    top = world.cd.snapshots()[0]
-    world.cd.ctr("snapshots", "--snapshotter", "imagefs", "view", "a-view", top)
+    world.cd.ctr("snapshots", "--snapshotter", "imagefs", "view", "a-view", world.indexed_top)
     res = world.cd.ctr("snapshots", "--snapshotter", "imagefs", "commit", "from-view", "a-view", check=False)
     assert res.returncode != 0 and "failed precondition" in res.stderr
     world.cd.ctr("snapshots", "--snapshotter", "imagefs", "rm", "a-view")
