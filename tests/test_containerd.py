@@ -93,8 +93,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         cd.kill_tasks()
         cd.stop()
         sn.stop()
-        for mp in sn.images_mounted():  # what a failed test left
-            subprocess.run(["umount", "-l", mp], capture_output=True)
+        for mp in sn.images_mounted():  # what a failed test left (its daemon exits with it)
+            subprocess.run([sys.executable, "-m", "imagefs", "umount", mp], capture_output=True, env=sn.env, timeout=60)
         stop_registry(reg)
 
 
