@@ -127,8 +127,15 @@ class Containerd:
         out = self.ctr("snapshots", "--snapshotter", "imagefs", "ls").stdout.splitlines()[1:]
         return [line.split()[0] for line in out if line.strip()]
 
-    def kill_tasks(self) -> None:
-        """Stop and delete every container (what a test left running)."""
+    def kill_tasks(self, timeout: float = 30.0) -> None:
+        """Stop and delete every container (and so its snapshot): what a test started."""
         for cid in self.ctr("containers", "ls", "-q", check=False).stdout.split():
-            self.ctr("tasks", "delete", "--force", cid, check=False)
-            self.ctr("containers", "delete", cid, check=False)
+            self.ctr("tasks", "kill", "--signal", "SIGKILL", cid, check=False)
+            deadline = time.monotonic() + timeout
+            while self.ctr("tasks", "delete", cid, check=False).returncode != 0:
+                if cid not in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"task {cid} still there {timeout:g}s after SIGKILL")
+                time.sleep(0.1)
+            self.ctr("containers", "delete", cid)
