@@ -105,7 +105,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     address = args.address or default_socket()
     if not os.path.isabs(address):
         raise CLIError(f"--address {address}: give an absolute path to a unix socket", code=2)
-    images = StoreImages(store, opts.index_cache_dir())
+    images = StoreImages(store)
     try:
         images.refresh()
     except Exception as e:  # the store may come later; every miss refreshes again

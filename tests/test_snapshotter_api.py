@@ -23,7 +23,7 @@ from imagefs.snapshotter.mounts import ImageMounts
 from imagefs.snapshotter.service import start_server
 from imagefs.snapshotter.snapshots import Snapshotter
 from indexer.build import build_image
-from indexer.catalog import open_image
+from indexer.catalog import read_ref
 from tests.support.images import write_oci_layout
 from tests.support.tars import file, make_tar
 
@@ -49,7 +49,7 @@ class Env:
 
     def start(self) -> pb_grpc.SnapshotsStub:
         opts = MountOptions(store=self.store, cache_dir=os.path.join(self.base, "cache"))
-        images = StoreImages(LocalStore(self.store), opts.index_cache_dir(), refresh_interval=0)
+        images = StoreImages(LocalStore(self.store), refresh_interval=0)
         self.sn = Snapshotter(self.root, images, ImageMounts(os.path.join(self.root, "images"), opts))
         self.server = start_server(self.sn, self.socket, workers=4)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
@@ -94,8 +94,9 @@ def code(call: object) -> grpc.StatusCode:
     return info.value.code()  # type: ignore[attr-defined,no-any-return]
 
 
-def test_index_meta_records_diff_ids(store: str) -> None:
-    assert open_image(LocalStore(store), "two:1").meta["diff_ids"] == DIFF_IDS
+def test_the_name_records_diff_ids(store: str) -> None:
+    record = read_ref(LocalStore(store), "two:1")
+    assert record is not None and record.origin["diff_ids"] == DIFF_IDS
 
 
 def test_chain_ids_follow_the_oci_definition() -> None:

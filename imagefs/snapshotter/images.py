@@ -1,9 +1,10 @@
 """The store's images as containerd sees them: by the chain IDs of their layers.
 
-Every imagefs index records its layers' diff IDs (meta ``diff_ids``, since indexes made
-by this version; older ones lack it and never match) and their compressed digests and
-the manifest's digest. From the diff IDs come the chain IDs, one per layer
-(:mod:`.chain`). An image is served whole, as its flattened tree, so a snapshot can be
+Every name in the store records where its image was indexed from (its *origin*, kept
+with the name by :mod:`indexer.catalog`): the layers' diff IDs, their compressed digests
+and media types, the manifest's digest and the source reference (names written before
+origins recorded diff IDs never match). From the diff IDs come the chain IDs, one per
+layer (:mod:`.chain`). An image is served whole, as its flattened tree, so a snapshot can be
 remote only if the image being pulled reaches the *top* of a store image: its chain
 passes through a store image's last chain ID. The snapshot of a lower layer of that
 image is remote too (a placeholder containerd needs as the parent of the next), and only
@@ -27,15 +28,12 @@ and the layers below it are downloaded and unpacked as usual: correct, not lazy.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from cache.blobstore import BlobStore
 from imagefs.snapshotter.chain import chain_ids, is_digest
-
-log = logging.getLogger(__name__)
 
 SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
 DIFF_IDS_LABEL = "containerd.io/snapshot/imagefs.diff-ids"
@@ -64,11 +62,11 @@ class StoreImage:
         return self.chain[-1]
 
 
-def image_from_meta(digest: str, name: str, meta: dict) -> StoreImage | None:
-    """The :class:`StoreImage` of an index's meta, or None if it cannot be matched
-    (made before indexes recorded diff IDs, or inconsistent)."""
-    diff_ids = meta.get("diff_ids")
-    layers = meta.get("layers") or []
+def image_from_origin(digest: str, name: str, origin: dict) -> StoreImage | None:
+    """The :class:`StoreImage` of a name's origin record, or None if it cannot be
+    matched (written before origins recorded diff IDs, or inconsistent)."""
+    diff_ids = origin.get("diff_ids")
+    layers = origin.get("layers") or []
     if not diff_ids or not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
         return None
     try:
@@ -76,55 +74,41 @@ def image_from_meta(digest: str, name: str, meta: dict) -> StoreImage | None:
     except ValueError:
         return None
     descs = tuple((str(l.get("digest", "")), int(l.get("size") or 0), str(l.get("media_type") or "")) for l in layers)
-    return StoreImage(digest, name, tuple(chain), tuple(d[0] for d in descs), str(meta.get("manifest_digest") or ""),
-                      descs, tuple(str(d) for d in diff_ids), str(meta.get("source") or ""))
+    return StoreImage(digest, name, tuple(chain), tuple(d[0] for d in descs), str(origin.get("manifest_digest") or ""),
+                      descs, tuple(str(d) for d in diff_ids), str(origin.get("source") or ""))
 
 
 class StoreImages:
-    """The store's images by chain ID, refreshed from the store when a chain ID is not
-    found (at most every ``REFRESH_INTERVAL_S``). Indexes are immutable, so each is
-    read once (through the host's index copies, which the mounts then use)."""
+    """The store's named images by chain ID, read again from the store's names when a
+    chain ID is not found (at most every ``REFRESH_INTERVAL_S``)."""
 
-    def __init__(self, store: BlobStore, cache_dir: str | None, *, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
+    def __init__(self, store: BlobStore, *, refresh_interval: float = REFRESH_INTERVAL_S) -> None:
         self.store = store
-        self.cache_dir = cache_dir
         self.refresh_interval = refresh_interval
         self._lock = threading.Lock()
-        self._known: dict[str, StoreImage | None] = {}  # index digest -> image (None: cannot match)
-        self._names: dict[str, str] = {}
+        self._images: list[StoreImage] = []
         self._by_chain: dict[str, list[tuple[StoreImage, int]]] = {}  # chain ID -> (image, layers below + 1)
         self._by_top: dict[str, StoreImage] = {}
         self._refreshed = float("-inf")
 
     def refresh(self) -> None:
-        """Read the store's list of images and the indexes not seen yet."""
-        from imagefs.index_cache import load_index
+        """Read the store's names and their origins."""
         from indexer.catalog import list_images
 
-        refs = list_images(self.store)
+        images = []
+        for ref in list_images(self.store):
+            image = image_from_origin(ref.digest, ref.name, ref.origin) if ref.name and ref.origin else None
+            if image is not None:
+                images.append(image)
         with self._lock:
-            names = {r.digest: r.name for r in reversed(refs)}  # the first name, by name order
-            for digest in names:
-                if digest in self._known:
-                    continue
-                try:
-                    meta = load_index(self.store, digest, self.cache_dir).meta
-                except Exception as e:  # one bad index must not hide the others
-                    log.warning("index %s: cannot read it (%s); containerd will not see it", digest, e)
-                    self._known[digest] = None
-                    continue
-                self._known[digest] = image_from_meta(digest, names[digest], meta)
-            self._names = names
+            self._images = images
             self._rebuild()
             self._refreshed = time.monotonic()
 
     def _rebuild(self) -> None:
         by_chain: dict[str, list[tuple[StoreImage, int]]] = {}
         by_top: dict[str, StoreImage] = {}
-        for digest in self._names:  # images whose index is gone from the store drop out
-            image = self._known.get(digest)
-            if image is None:
-                continue
+        for image in self._images:
             for depth, chain in enumerate(image.chain, 1):
                 by_chain.setdefault(chain, []).append((image, depth))
             by_top.setdefault(image.top, image)
