@@ -133,7 +133,7 @@ class StreamTracker:
     """
 
     __slots__ = ("state", "planned", "fetched", "held", "failed", "served", "missed", "bytes", "requests",
-                 "pending", "brought")
+                 "pending", "brought", "fill_wait_s")
 
     def __init__(self, digests: Iterable[bytes] = ()) -> None:
         self.state = "pending"
@@ -148,6 +148,7 @@ class StreamTracker:
         self.missed = 0
         self.bytes = 0  # compressed bytes the stream's reads moved (gaps included)
         self.requests = 0
+        self.fill_wait_s = 0.0  # time reads waited for room in the SSD write-behind queue
 
     def plan(self, digests: Iterable[bytes]) -> None:
         """Add ``digests`` to what the stream will bring."""
@@ -181,7 +182,7 @@ class StreamTracker:
     def as_dict(self) -> dict[str, object]:
         return {"state": self.state, "planned": self.planned, "fetched": self.fetched, "held": self.held,
                 "failed": self.failed, "served": self.served, "missed": self.missed,
-                "bytes": self.bytes, "requests": self.requests}
+                "bytes": self.bytes, "requests": self.requests, "fill_wait_s": round(self.fill_wait_s, 3)}
 
 
 async def stream_chunks(chain: "ChunkChain", refs: Sequence[ChunkRef], tracker: StreamTracker, *,
@@ -235,7 +236,9 @@ async def _load_from_ssd(chain: "ChunkChain", refs: Sequence[ChunkRef], tracker:
 
 async def _run_span(chain: "ChunkChain", span: Span, tracker: StreamTracker, slots: trio.Semaphore) -> None:
     try:
+        t0 = trio.current_time()
         await chain.wait_for_fill_room()
+        tracker.fill_wait_s += trio.current_time() - t0
         claimed = chain.claim_background(span.refs)
         if not claimed:
             return

@@ -101,14 +101,27 @@ def test_one_client_address_holds_at_most_its_share(tmp_path: Path, cache_server
     store, _, _ = local_pack(tmp_path, 1, 1000)
     srv = start_cache_server(tmp_path, store.root, extra=["--max-client-connections", "4"])
     cache_servers.append(srv)
-    held = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(4)]
-    try:
-        for s in held:  # each answers (they were accepted)
+    held: list[socket.socket] = []
+
+    def hold_one() -> bool:
+        """Open a connection that the server answers (one closed moments ago, such as the
+        start-up health probe's, may still count until the server has seen it go)."""
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        try:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             resp = http.client.HTTPResponse(s)
             resp.begin()
             assert resp.status == 200
             resp.read()
+        except (ConnectionError, http.client.HTTPException):
+            s.close()
+            return False
+        held.append(s)
+        return True
+
+    try:
+        for _ in range(4):  # each is accepted and answers
+            wait_for(hold_one)
         extra = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         try:
             extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
