@@ -64,7 +64,7 @@ import trio
 
 from cache.blobstore import BlobStoreError
 from cache.blobtier import BlobTier, contiguous_run
-from cache.chunk import ChunkError, ChunkRef, CorruptChunk, verify
+from cache.chunk import ChunkError, ChunkRef, CorruptChunk, open_chunk, verify
 from cache.memory import MemoryTier
 from cache.ssd import SSDTier
 from cache.stats import ChainStats, Counters, TierStats
@@ -710,6 +710,27 @@ class ChunkChain:
                 self.memory.put(r, data)
                 out.append(r.digest)
         return out
+
+    async def accept_frames(self, frames: Sequence[tuple[ChunkRef, bytes]]) -> list[bytes]:
+        """Verify zstd ``frames`` that arrived some other way (a profile's head) and keep
+        the good ones like any fetched chunk (memory, SSD write-behind); their digests.
+        A bad frame is dropped: the chunk is fetched when it is wanted, as if absent."""
+        todo = [(r, f) for r, f in frames if not self._held_locally(r.digest)]
+
+        def open_all() -> list[tuple[ChunkRef, bytes]]:
+            good = []
+            for r, f in todo:
+                try:
+                    good.append((r, open_chunk(r, f)))
+                except CorruptChunk:
+                    pass
+            return good
+
+        good = await trio.to_thread.run_sync(open_all, limiter=self._threads)
+        for r, data in good:
+            if not self._held_locally(r.digest):
+                self._fill(r, data, may_drop=False)
+        return [r.digest for r, _d in good]
 
     def claim_background(self, refs: Sequence[ChunkRef]) -> list[tuple[ChunkRef, _Flight]]:
         """Mark as in flight, for a stream, those of ``refs`` nobody holds or fetches.

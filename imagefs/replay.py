@@ -40,7 +40,7 @@ class ReplayStatus(StreamTracker):
     ``loading``, ``none`` (the image has no profile), ``refused`` (``reason`` says why),
     then the stream's ``running`` and ``done``."""
 
-    __slots__ = ("reason", "seconds", "source")
+    __slots__ = ("reason", "seconds", "source", "inline")
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,6 +48,7 @@ class ReplayStatus(StreamTracker):
         self.reason = ""
         self.seconds = 0.0
         self.source = ""  # where the profile came from: "host copy" or "store"
+        self.inline = 0  # chunks that came inline with the profile (its head)
 
     def as_dict(self) -> dict[str, object]:
         d = super().as_dict()
@@ -56,6 +57,7 @@ class ReplayStatus(StreamTracker):
         d["seconds"] = round(self.seconds, 3)
         if self.source:
             d["source"] = self.source
+        d["inline"] = self.inline
         return d
 
 
@@ -105,6 +107,10 @@ async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStat
     refs = profiles.replay_refs(found, index)
     status.plan(r.digest for r in refs)
     chain.tracker = status
+    if found.head_chunks:  # frames that came with the profile: no round trip for these
+        for d in await chain.accept_frames(profiles.head_frames(found, index)):
+            status.arrived(d)
+            status.inline += 1
     await stream_chunks(chain, refs, status)
     status.seconds = time.monotonic() - t0
     log.info("replayed the startup profile: %d chunks planned, %d fetched, %d held, %d failed, %.1f MiB in "

@@ -36,6 +36,10 @@ STARTUP_PACK_SIZE = 64 << 20
 READ_GAP = 1 << 20
 READ_RANGE = 16 << 20
 READERS = 8
+# The first this-many compressed bytes of the working set also go inline in the profile
+# (its head), which a cold host fetches beside the index: they are there before the
+# replay's first ranged read can answer (a blob-store round trip, ~200 ms).
+HEAD_BYTES = 4 << 20
 
 
 class OptimizeError(Exception):
@@ -94,8 +98,10 @@ def _read_frames(store: BlobStore, refs: list[ChunkRef]) -> dict[bytes, bytes]:
 
 
 def optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, force: bool = False,
-             pack_size: int = STARTUP_PACK_SIZE, on_bytes: Callable[[int], None] | None = None) -> OptimizeResult:
-    """Write startup packs for ``profile`` (of ``index``) and save the laid-out profile.
+             pack_size: int = STARTUP_PACK_SIZE, head_budget: int = HEAD_BYTES,
+             on_bytes: Callable[[int], None] | None = None) -> OptimizeResult:
+    """Write startup packs for ``profile`` (of ``index``) and save the laid-out profile,
+    with the first ``head_budget`` bytes of frames inline (its head).
 
     The packs are written (and durable) before the profile that names them, so a
     reader never finds a profile whose packs are missing. A lease is held from before
@@ -103,11 +109,12 @@ def optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, force
     startup packs (see :mod:`indexer.leases`).
     """
     with Lease(store, f"optimize {index.digest}"):
-        return _optimize(store, index, profile, force=force, pack_size=pack_size, on_bytes=on_bytes)
+        return _optimize(store, index, profile, force=force, pack_size=pack_size, head_budget=head_budget,
+                         on_bytes=on_bytes)
 
 
 def _optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, force: bool,
-              pack_size: int, on_bytes: Callable[[int], None] | None) -> OptimizeResult:
+              pack_size: int, head_budget: int, on_bytes: Callable[[int], None] | None) -> OptimizeResult:
     t0 = time.monotonic()
     profiles.check_against(profile, index)
     image_bytes = sum(r.clen for r in index.all_chunks())
@@ -147,7 +154,14 @@ def _optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, forc
         size += len(frame)
     flush()
     entries.extend(replace(pe, pack=len(packs) - 1, offset=off) for pe, off in pending)
-    laid = replace(profile, entries=tuple(entries), packs=tuple(packs))
+    head: list[bytes] = []
+    head_bytes = 0
+    for r in refs:
+        if head_bytes + r.clen > head_budget:
+            break
+        head.append(frames[r.digest])
+        head_bytes += r.clen
+    laid = replace(profile, entries=tuple(entries), packs=tuple(packs), head_chunks=len(head), head=b"".join(head))
     profiles.save(store, laid)
     return OptimizeResult(laid, len(entries), written, image_bytes, len(packs), time.monotonic() - t0, changed=True)
 

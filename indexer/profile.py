@@ -27,11 +27,19 @@ trip (a pointer object would cost a second). It verifies itself instead: the bod
 with the blake3 of everything before it, and names its index. Writing a new profile
 replaces the object atomically; a running mount keeps the one it loaded.
 
+- Optionally (``imagefs optimize``), a *head*: the zstd frames of the first few MiB of
+  the working set, inline. The profile is fetched beside the index in the same round trip
+  (imagefs.profile_cache), so these chunks are on the host before the first ranged read
+  of the replay could answer: what the container's start reads first (its user
+  database, the shell, the dynamic loader) does not wait a round trip.
+
 Body layout (little-endian), stored zstd-compressed::
 
-    header   MAGIC, version, flags, index digest (32), entries, packs, recordings, created
+    header   MAGIC, version, flags, index digest (32), entries, packs, recordings, created,
+             head chunks, head bytes
     packs    32-byte startup pack digests (blob key ``packs/<hex>``)
     entries  ENTRY records in replay order
+    head     the frames of the first ``head chunks`` entries, back to back
     trailer  blake3 of everything above (32)
 """
 
@@ -53,14 +61,16 @@ MAGIC = b"IMGFSPRF"
 VERSION = 1
 PROFILE_PREFIX = "profiles/"
 # magic, version, flags, index digest, n_entries, n_packs, recordings, created (unix s)
-HEADER = struct.Struct("<8sII32sIIIQ")
+# ... then the head: how many of the first entries have their frames inline, and their bytes
+HEADER = struct.Struct("<8sII32sIIIQIQ")
 # chunk number, inode, first access ms, recordings that read it, startup pack (NO_PACK: none), offset
 ENTRY = struct.Struct("<IIIHHQ")
 TRAILER = 32
 NO_PACK = 0xFFFF
 MAX_PACKS = NO_PACK
 MAX_ENTRIES = 1 << 24  # a profile larger than this is not one we wrote
-MAX_BLOB = HEADER.size + MAX_ENTRIES * ENTRY.size + MAX_PACKS * 32 + TRAILER
+MAX_HEAD = 64 << 20
+MAX_BLOB = HEADER.size + MAX_ENTRIES * ENTRY.size + MAX_PACKS * 32 + MAX_HEAD + TRAILER
 
 
 class ProfileError(ValueError):
@@ -88,6 +98,10 @@ class Profile:
     recordings: int = 1
     packs: tuple[bytes, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
+    # The zstd frames of the first ``head_chunks`` entries, back to back: they come with
+    # the profile itself (fetched beside the index), before any ranged read.
+    head_chunks: int = 0
+    head: bytes = b""
 
     @property
     def laid_out(self) -> int:
@@ -95,8 +109,9 @@ class Profile:
         return sum(1 for e in self.entries if e.pack != NO_PACK)
 
     def without_layout(self) -> "Profile":
-        """The same profile with no startup packs (what a new recording merges into)."""
-        return replace(self, packs=(), entries=tuple(replace(e, pack=NO_PACK, offset=0) for e in self.entries))
+        """The same profile with no startup packs and no head (what a new recording merges into)."""
+        return replace(self, packs=(), entries=tuple(replace(e, pack=NO_PACK, offset=0) for e in self.entries),
+                       head_chunks=0, head=b"")
 
 
 def profile_key(index_digest: str) -> str:
@@ -112,16 +127,21 @@ def encode(profile: Profile) -> bytes:
     """The stored blob of ``profile`` (zstd around a self-verifying body)."""
     if len(profile.packs) > MAX_PACKS:
         raise ProfileError(f"{len(profile.packs)} startup packs (at most {MAX_PACKS})")
+    if profile.head_chunks > len(profile.entries) or len(profile.head) > MAX_HEAD:
+        raise ProfileError(f"a head of {profile.head_chunks} chunks, {len(profile.head)} bytes, is not possible here")
     body = bytearray(HEADER.pack(
         MAGIC, VERSION, 0, bytes.fromhex(profile_key(profile.index_digest)[len(PROFILE_PREFIX):]),
         len(profile.entries), len(profile.packs), min(profile.recordings, 0xFFFFFFFF), profile.created,
+        profile.head_chunks, len(profile.head),
     ))
     for p in profile.packs:
         body += p
     for e in profile.entries:
         body += ENTRY.pack(e.chunk, e.ino, min(e.t_ms, 0xFFFFFFFF), min(e.seen, 0xFFFF), e.pack, e.offset)
+    body += profile.head
     body += digest_of(body)
-    return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(bytes(body))
+    # The head's frames are compressed already: a fast level for the whole.
+    return zstandard.ZstdCompressor(level=3, write_content_size=True).compress(bytes(body))
 
 
 def decode(blob: bytes, where: str = "profile") -> Profile:
@@ -136,21 +156,26 @@ def decode(blob: bytes, where: str = "profile") -> Profile:
         raise ProfileError(f"{where}: too short to be a profile")
     if digest_of(memoryview(body)[:-TRAILER]) != body[-TRAILER:]:
         raise ProfileError(f"{where}: damaged (its checksum does not match)")
-    magic, version, _flags, index_raw, n_entries, n_packs, recordings, created = HEADER.unpack_from(body, 0)
+    (magic, version, _flags, index_raw, n_entries, n_packs, recordings, created, head_chunks,
+     head_len) = HEADER.unpack_from(body, 0)
     if magic != MAGIC:
         raise ProfileError(f"{where}: not a profile (bad magic)")
     if version != VERSION:
         raise ProfileError(f"{where}: profile format version {version} is not supported (this imagefs reads {VERSION})")
-    if len(body) != HEADER.size + n_packs * 32 + n_entries * ENTRY.size + TRAILER:
+    if len(body) != HEADER.size + n_packs * 32 + n_entries * ENTRY.size + head_len + TRAILER:
         raise ProfileError(f"{where}: its size does not match its header")
+    if head_chunks > n_entries or (head_len == 0) != (head_chunks == 0):
+        raise ProfileError(f"{where}: a head of {head_chunks} chunks in {head_len} bytes")
     pos = HEADER.size
     packs = tuple(bytes(body[pos + 32 * i: pos + 32 * (i + 1)]) for i in range(n_packs))
     pos += 32 * n_packs
     entries = tuple(Entry(*fields) for fields in ENTRY.iter_unpack(memoryview(body)[pos: pos + n_entries * ENTRY.size]))
+    pos += n_entries * ENTRY.size
+    head = bytes(body[pos: pos + head_len])
     for e in entries:
         if e.pack != NO_PACK and e.pack >= n_packs:
             raise ProfileError(f"{where}: an entry names startup pack {e.pack} of {n_packs}")
-    return Profile(DIGEST_PREFIX + index_raw.hex(), entries, recordings, packs, created)
+    return Profile(DIGEST_PREFIX + index_raw.hex(), entries, recordings, packs, created, head_chunks, head)
 
 
 def check_against(profile: Profile, index: Index, where: str = "profile") -> None:
@@ -165,6 +190,22 @@ def check_against(profile: Profile, index: Index, where: str = "profile") -> Non
         if e.chunk in seen:
             raise ProfileError(f"{where}: names chunk {e.chunk} twice")
         seen.add(e.chunk)
+    if profile.head_chunks:
+        want = sum(index.chunk(e.chunk).clen for e in profile.entries[:profile.head_chunks])
+        if want != len(profile.head):
+            raise ProfileError(f"{where}: its head holds {len(profile.head)} bytes, its chunks take {want}")
+
+
+def head_frames(profile: Profile, index: Index) -> list[tuple[ChunkRef, bytes]]:
+    """The chunks whose frames came inline with the profile, each with its frame (to be
+    verified by whoever uses it, like any chunk that arrives)."""
+    out: list[tuple[ChunkRef, bytes]] = []
+    pos = 0
+    for e in profile.entries[:profile.head_chunks]:
+        ref = index.chunk(e.chunk)
+        out.append((ref, profile.head[pos: pos + ref.clen]))
+        pos += ref.clen
+    return out
 
 
 # -- in the store --------------------------------------------------------------------
@@ -244,7 +285,7 @@ def merge(profiles: Iterable[Profile]) -> Profile:
             entries.append(replace(e, pack=NO_PACK, offset=0))
         else:
             entries.append(replace(e, pack=packs.setdefault(where[0], len(packs)), offset=where[1]))
-    return Profile(digest, tuple(entries), recordings, tuple(packs))
+    return Profile(digest, tuple(entries), recordings, tuple(packs))  # no head: the order changed
 
 
 def replay_refs(profile: Profile, index: Index) -> list[ChunkRef]:
@@ -280,4 +321,4 @@ def entries_from(records: Sequence[tuple[int, int, int]]) -> tuple[Entry, ...]:
 
 
 __all__ = ["Entry", "Profile", "ProfileError", "NO_PACK", "profile_key", "encode", "decode", "check_against",
-           "load", "save", "delete", "merge", "replay_refs", "referenced_packs", "summary", "entries_from"]
+           "load", "save", "delete", "merge", "replay_refs", "referenced_packs", "summary", "entries_from", "head_frames"]

@@ -305,3 +305,38 @@ def test_the_rest_of_the_image_is_fetched_within_its_rate(image: tuple[LocalStor
     n, took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert n == len(refs)
     assert 9.0 <= took <= 10.5  # the budget, not the disk, set the pace
+
+
+def test_a_profile_head_brings_its_chunks_and_a_bad_frame_in_it_is_dropped(image: tuple[LocalStore, Index]) -> None:
+    """The head's frames (inline in the profile) are verified like any chunk: good ones
+    are kept, a frame that does not hash to its digest is dropped (fetched later)."""
+    import trio
+
+    from cache.blobtier import BlobTier
+    from cache.chain import ChunkChain
+    from cache.memory import MemoryTier
+
+    store, index = image
+    order = [4, 9, 1]
+    profiles.save(store, _profile(index, order))
+    found = profiles.load(store, index)
+    assert found is not None
+    res = optimize(store, index, found)  # the whole (small) working set fits the default head
+    laid = profiles.load(store, index)
+    assert laid is not None and laid.head_chunks == 3 and res.changed
+    frames = profiles.head_frames(laid, index)
+    bad_ref, bad_frame = frames[1]
+    frames[1] = (bad_ref, bytes(reversed(bad_frame)))  # right length, wrong bytes
+
+    async def main() -> tuple[list[bytes], MemoryTier]:
+        memory = MemoryTier(64 << 20)
+        chain = ChunkChain(BlobTier(store), None, memory)
+        return await chain.accept_frames(frames), memory
+
+    kept, memory = trio.run(main)
+    assert kept == [frames[0][0].digest, frames[2][0].digest]
+    assert bad_ref.digest not in memory and frames[0][0].digest in memory
+    # A profile whose head does not match its chunks' sizes is refused whole.
+    store.put(profiles.profile_key(index.digest), profiles.encode(replace(laid, head=laid.head[:-1])))
+    with pytest.raises(ProfileError, match="head"):
+        profiles.load(store, index)
