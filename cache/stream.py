@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import trio
 
@@ -187,14 +187,21 @@ class StreamTracker:
 
 async def stream_chunks(chain: "ChunkChain", refs: Sequence[ChunkRef], tracker: StreamTracker, *,
                         in_flight: int = DEFAULT_IN_FLIGHT, max_range: int = DEFAULT_MAX_RANGE,
-                        max_gap: int = DEFAULT_MAX_GAP, first_range: int = DEFAULT_FIRST_RANGE) -> None:
+                        max_gap: int = DEFAULT_MAX_GAP, first_range: int = DEFAULT_FIRST_RANGE,
+                        on_arrived: Callable[[list[bytes]], None] | None = None) -> None:
     """Bring ``refs`` into the chain's local tiers, in order (see the module docstring).
 
-    Returns when every chunk is held or has failed; cancelling stops it cleanly (chunks
-    of reads in flight are released to whoever waits for them)."""
+    ``on_arrived`` is told (on the trio thread) the digests each read brought, and those
+    of ``refs`` that were already held. Returns when every chunk is held or has failed;
+    cancelling stops it cleanly (chunks of reads in flight are released to whoever waits
+    for them)."""
     tracker.state = "running"
+    tell = on_arrived or (lambda digests: None)
     todo = [r for r in refs if not chain.held_locally(r.digest)]
     tracker.held += len(refs) - len(todo)
+    held_now = [r.digest for r in refs if chain.held_locally(r.digest)]
+    if held_now:
+        tell(held_now)
     if chain.ssd is not None and todo:
         on_ssd = await chain.ssd_holds(todo)
         if on_ssd:
@@ -208,23 +215,26 @@ async def stream_chunks(chain: "ChunkChain", refs: Sequence[ChunkRef], tracker: 
     slots = trio.Semaphore(max(1, in_flight))
     async with trio.open_nursery() as nursery:
         if ssd_refs:
-            nursery.start_soon(_load_from_ssd, chain, ssd_refs, tracker)
+            nursery.start_soon(_load_from_ssd, chain, ssd_refs, tracker, tell)
         for span in spans:
             await slots.acquire()
-            nursery.start_soon(_run_span, chain, span, tracker, slots)
+            nursery.start_soon(_run_span, chain, span, tracker, slots, tell)
     tracker.state = "done"
 
 
-async def _load_from_ssd(chain: "ChunkChain", refs: Sequence[ChunkRef], tracker: StreamTracker) -> None:
+async def _load_from_ssd(chain: "ChunkChain", refs: Sequence[ChunkRef], tracker: StreamTracker,
+                         tell: Callable[[list[bytes]], None]) -> None:
     """Read the SSD tier's copies into memory, in order, a batch per worker thread and a
     few batches at once (one thread hop per chunk would cost more than the read)."""
     slots = trio.Semaphore(SSD_BATCHES)
 
     async def batch(part: Sequence[ChunkRef]) -> None:
         try:
-            for d in await chain.load_from_ssd(part):
+            got = await chain.load_from_ssd(part)
+            for d in got:
                 tracker.held += 1
                 tracker.arrived(d)
+            tell(got)
         finally:
             slots.release()
 
@@ -234,7 +244,8 @@ async def _load_from_ssd(chain: "ChunkChain", refs: Sequence[ChunkRef], tracker:
             nursery.start_soon(batch, refs[i:i + SSD_BATCH])
 
 
-async def _run_span(chain: "ChunkChain", span: Span, tracker: StreamTracker, slots: trio.Semaphore) -> None:
+async def _run_span(chain: "ChunkChain", span: Span, tracker: StreamTracker, slots: trio.Semaphore,
+                    tell: Callable[[list[bytes]], None]) -> None:
     try:
         t0 = trio.current_time()
         await chain.wait_for_fill_room()
@@ -257,6 +268,7 @@ async def _run_span(chain: "ChunkChain", span: Span, tracker: StreamTracker, slo
                 tracker.arrived(r.digest)
             else:
                 tracker.failed += 1
+        tell([r.digest for r, _f in claimed if r.digest in got])
     finally:
         slots.release()
 

@@ -442,7 +442,9 @@ class _Daemon:
         try:
             await run_background(self.index, self.reader, self.store, ready=self.ready, replay_status=status,
                                  progress=progress, budget=self.prefetch_budget, cache_dir=self.cache_dir,
-                                 rate=self.prefetch_rate)
+                                 rate=self.prefetch_rate,
+                                 # the replay warms the page cache too, unless it would be recorded
+                                 warm_root=self.paths.mountpoint if self.recorder is None else None)
         except Exception:  # background fetching is an optimisation: it must never take the mount down
             for s in (progress, status):
                 if s is not None and s.state not in ("done", "incomplete", "none", "refused"):

@@ -124,7 +124,8 @@ async def wait_until_quiet(chain: ChunkChain, quiet_s: float, poll: float = 0.25
 
 async def run_background(index: Index, chain: ChunkChain, store: Any, *, ready: trio.Event,
                          replay_status: Any = None, progress: Progress | None = None, budget: int = 0,
-                         quiet_s: float = 5.0, cache_dir: str | None = None, rate: float = 0.0) -> None:
+                         quiet_s: float = 5.0, cache_dir: str | None = None, rate: float = 0.0,
+                         warm_root: str | None = None) -> None:
     """The policy of the module docstring. ``replay_status`` (an
     :class:`imagefs.replay.ReplayStatus`) turns the profile replay on; ``progress``
     with a ``budget`` the prefetch of the rest."""
@@ -132,7 +133,8 @@ async def run_background(index: Index, chain: ChunkChain, store: Any, *, ready: 
 
     profiled = False
     if replay_status is not None:
-        profiled = await replay.replay(store, index, chain, replay_status, cache_dir)
+        profiled = await replay.replay(store, index, chain, replay_status, cache_dir, warm_root=warm_root,
+                                       ready=ready)
     if progress is None or budget <= 0:
         return
     if not profiled:

@@ -40,7 +40,7 @@ class ReplayStatus(StreamTracker):
     ``loading``, ``none`` (the image has no profile), ``refused`` (``reason`` says why),
     then the stream's ``running`` and ``done``."""
 
-    __slots__ = ("reason", "seconds", "source", "inline")
+    __slots__ = ("reason", "seconds", "source", "inline", "warmer")
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,6 +49,7 @@ class ReplayStatus(StreamTracker):
         self.seconds = 0.0
         self.source = ""  # where the profile came from: "host copy" or "store"
         self.inline = 0  # chunks that came inline with the profile (its head)
+        self.warmer: Any = None  # an imagefs.page_warm.PageWarmer while the page cache is warmed
 
     def as_dict(self) -> dict[str, object]:
         d = super().as_dict()
@@ -58,6 +59,8 @@ class ReplayStatus(StreamTracker):
         if self.source:
             d["source"] = self.source
         d["inline"] = self.inline
+        if self.warmer is not None:
+            d["page_cache"] = self.warmer.as_dict()
         return d
 
 
@@ -94,10 +97,14 @@ def load_profile(store: Any, index: Index, status: ReplayStatus,
 
 
 async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStatus,
-                 cache_dir: str | None = None) -> bool:
+                 cache_dir: str | None = None, *, warm_root: str | None = None,
+                 ready: trio.Event | None = None) -> bool:
     """Stream ``index``'s startup profile into ``chain``'s local tiers; True if there was
     one to stream (whether or not every chunk came). A replay of the host's copy then
-    refreshes the copy from the store, for the next mount."""
+    refreshes the copy from the store, for the next mount.
+
+    ``warm_root`` (the mount, once ``ready`` is set): what arrives is also read into the
+    kernel's page cache of the mounted files (:mod:`imagefs.page_warm`)."""
     t0 = time.monotonic()
     found = await trio.to_thread.run_sync(load_profile, store, index, status, cache_dir)
     if status.source == "host copy" and profile_cache.age(cache_dir, index.digest) > FRESH_S:
@@ -107,16 +114,70 @@ async def replay(store: Any, index: Index, chain: ChunkChain, status: ReplayStat
     refs = profiles.replay_refs(found, index)
     status.plan(r.digest for r in refs)
     chain.tracker = status
-    if found.head_chunks:  # frames that came with the profile: no round trip for these
-        for d in await chain.accept_frames(profiles.head_frames(found, index)):
-            status.arrived(d)
-            status.inline += 1
-    await stream_chunks(chain, refs, status)
-    status.seconds = time.monotonic() - t0
+    async with trio.open_nursery() as nursery:
+        tell = None
+        if warm_root is not None:
+            tell = await _start_warming(nursery, index, found, refs, warm_root, ready, status)
+        if found.head_chunks:  # frames that came with the profile: no round trip for these
+            inline = await chain.accept_frames(profiles.head_frames(found, index))
+            for d in inline:
+                status.arrived(d)
+                status.inline += 1
+            if tell is not None:
+                tell(inline)
+        await stream_chunks(chain, refs, status, on_arrived=tell)
+        status.seconds = time.monotonic() - t0
+        if tell is not None:
+            tell(None)  # nothing more: the warmer finishes what it has and stops
     log.info("replayed the startup profile: %d chunks planned, %d fetched, %d held, %d failed, %.1f MiB in "
              "%d requests, %.2f s", status.planned, status.fetched, status.held, status.failed,
              status.bytes / (1 << 20), status.requests, status.seconds)
     return True
+
+
+async def _start_warming(nursery: trio.Nursery, index: Index, found: profiles.Profile, refs: list[Any],
+                         root: str, ready: trio.Event | None, status: ReplayStatus) -> Any:
+    """Start the page-cache warmer; returns the function the stream tells arrivals to."""
+    from imagefs.page_warm import PageWarmer, chunk_places, paths_of
+
+    chunk_of = {r.digest: e.chunk for r, e in zip(refs, found.entries)}
+    send, receive = trio.open_memory_channel[Any](float("inf"))
+
+    def tell(digests: list[bytes] | None) -> None:
+        send.send_nowait(digests)
+
+    async def warm() -> None:
+        places = await trio.to_thread.run_sync(chunk_places, index, found)
+        paths = await trio.to_thread.run_sync(paths_of, index, {ino for ino, _o, _l in places.values()})
+        warmer = status.warmer = PageWarmer(root, paths)
+        if ready is not None:
+            await ready.wait()  # the mount must be there (EROFS mounts after FUSE answers)
+        try:
+            done = False
+            while not done:
+                batch = [await receive.receive()]
+                while True:  # everything that arrived meanwhile, in one thread hop
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                ranges = []
+                for digests in batch:
+                    if digests is None:
+                        done = True
+                        continue
+                    for d in digests:
+                        place = places.get(chunk_of.get(d, -1))
+                        if place is not None:
+                            ranges.append(place)
+                if ranges:
+                    await trio.to_thread.run_sync(warmer.warm, ranges)
+        finally:  # closing a file of our own mount waits for our own loop: not on it
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(warmer.close)
+
+    nursery.start_soon(warm)
+    return tell
 
 
 def _refresh_in_background(store: Any, index: Index, cache_dir: str | None) -> None:

@@ -99,8 +99,15 @@ def test_a_recorded_profile_is_stored_and_replayed(run_dir: Path, fs: str) -> No
         assert rp["state"] == "done" and rp["planned"] == len(want) and rp["fetched"] == len(want)
         assert rp["source"] == "host copy"  # fetched beside the index, before the daemon needed it
         blob_before = query_stats(m.path)["cache"]["tiers"]["blob"]["requests"]
+        deadline = time.monotonic() + 30
+        while query_stats(m.path)["replay"].get("page_cache", {}).get("ranges", 0) < len(want):
+            assert time.monotonic() < deadline, query_stats(m.path)["replay"]
+            time.sleep(0.05)
+        reads_before = query_stats(m.path)["requests"]["ops"].get("read", 0)
         _read(m.path, WORKLOAD)
         st = query_stats(m.path)
+        # The replay read the workload's ranges into the page cache: its reads never reach us.
+        assert st["requests"]["ops"].get("read", 0) == reads_before
         assert st["replay"]["served"] == len(want) and st["replay"]["missed"] == 0
         assert st["cache"]["tiers"]["blob"]["requests"] == blob_before  # nothing more from the store
         assert rp["requests"] < len(want)  # ranged reads, not one per chunk
