@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections import deque
@@ -202,6 +203,7 @@ class ChunkChain:
         self._fill_idle: trio.Event | None = None
         self._remote_counters = {t.name: Counters(t.name) for t in self.remote_tiers}
         self._prefetch_pays = trio.Event()  # see wait_until_prefetch_pays
+        self._deferred: dict[bytes, ChunkRef] = {}  # stream fills not written to the SSD yet
         # The tracker of the stream running now (a profile replay), told of every
         # demand get so that ``imagefs stats`` can say what the stream served.
         self.tracker: StreamTracker | None = None
@@ -376,12 +378,12 @@ class ChunkChain:
         return claimed
 
     def _settle(self, claimed: Sequence[tuple[ChunkRef, _Flight]], got: dict[bytes, bytes], *,
-                may_drop: bool = True) -> None:
+                may_drop: bool = True, defer: bool = False) -> None:
         """Fill what arrived for the claimed chunks and release their waiters."""
         for r, f in claimed:
             data = got.get(r.digest)
             if data is not None:
-                self._fill(r, data, may_drop=may_drop)
+                self._fill(r, data, may_drop=may_drop, defer=defer)
             f.data = data
             if self._inflight.get(r.digest) is f:
                 del self._inflight[r.digest]
@@ -504,13 +506,18 @@ class ChunkChain:
 
     # ---- fills (write-behind to the SSD) -------------------------------------------
 
-    def _fill(self, ref: ChunkRef, data: bytes, *, may_drop: bool = True) -> None:
+    def _fill(self, ref: ChunkRef, data: bytes, *, may_drop: bool = True, defer: bool = False) -> None:
         """Keep ``data`` in memory and queue it for the SSD. A demand fill is dropped
         when the queue is full (a reader never waits on the disk); a prefetch fill is
         not, because prefetch waits for room before each run, which bounds the queue
-        at ``max_fill_pending`` plus what the prefetches in flight bring."""
+        at ``max_fill_pending`` plus what the prefetches in flight bring. ``defer``
+        (a stream's fills): memory only for now, the SSD copy written by
+        :meth:`save_deferred` once the workload is quiet."""
         self.memory.put(ref, data)
         if self.ssd is None or ref.digest in self._fill_pending:
+            return
+        if defer:
+            self._deferred[ref.digest] = ref
             return
         if may_drop and self._fill_bytes + len(data) > self.max_fill_pending:
             self._fill_dropped += 1
@@ -588,7 +595,9 @@ class ChunkChain:
 
     async def aclose(self) -> None:
         """Finish queued fills and write the SSD's queued access times (the SSD tier
-        itself belongs to the caller and stays open)."""
+        itself belongs to the caller and stays open). The stream's chunks still
+        waiting for their SSD copies are written first."""
+        await self.save_deferred(paced=False)
         await self.drain()
         if self.ssd is not None:
             await trio.to_thread.run_sync(self.ssd.flush, limiter=self._threads)
@@ -729,7 +738,7 @@ class ChunkChain:
         good = await trio.to_thread.run_sync(open_all, limiter=self._threads)
         for r, data in good:
             if not self._held_locally(r.digest):
-                self._fill(r, data, may_drop=False)
+                self._fill(r, data, may_drop=False, defer=True)
         return [r.digest for r, _d in good]
 
     def claim_background(self, refs: Sequence[ChunkRef]) -> list[tuple[ChunkRef, _Flight]]:
@@ -745,9 +754,30 @@ class ChunkChain:
         return claimed
 
     def settle_background(self, claimed: Sequence[tuple[ChunkRef, _Flight]], got: dict[bytes, bytes]) -> None:
-        """Fill what a stream's read brought and release whoever waits on its chunks."""
-        self._settle(claimed, got, may_drop=False)
+        """Fill what a stream's read brought and release whoever waits on its chunks.
+        Their SSD copies wait (:meth:`save_deferred`): writing ~160 MB of files while a
+        cold workload starts took CPU it needed, and held the stream back whenever the
+        write-behind queue was full."""
+        self._settle(claimed, got, may_drop=False, defer=True)
         self._prefetched += sum(1 for r, _f in claimed if r.digest in got)
+
+    async def save_deferred(self, *, paced: bool = True) -> int:
+        """Write the SSD copies of the stream's chunks that are still in memory (those
+        the memory tier evicted meanwhile are fetched again by the next mount that
+        needs them); waits for write-behind room and, ``paced``, while demand reads
+        fetch. Returns how many were queued."""
+        queued = 0
+        while self._deferred:
+            await self._wait_for_fill_room()
+            if paced:
+                await self.wait_for_no_demand()
+            batch = [self._deferred.pop(d) for d in list(itertools.islice(self._deferred, FILL_BATCH_CHUNKS))]
+            for r in batch:
+                data = self.memory.peek(r.digest)
+                if data is not None:
+                    self._fill(r, data, may_drop=False)
+                    queued += 1
+        return queued
 
     async def wait_for_fill_room(self) -> None:
         """Wait until the SSD write-behind queue has room (background work only)."""

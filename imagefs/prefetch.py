@@ -5,6 +5,7 @@ The policy, in order:
 1. **The startup profile** (:mod:`imagefs.replay`), when the image has one: exactly the
    chunks its workload read first, streamed in that order from the moment the daemon
    starts.
+   Its SSD copies are written once the workload is quiet (memory holds them until then).
 2. **The rest of the image**, up to a budget (a share of the SSD tier, so prefetch
    never evicts what it fetched), in pack order. After a profile it is worth having but
    never worth the workload's CPU or link: it starts once no demand read has gone below
@@ -135,12 +136,16 @@ async def run_background(index: Index, chain: ChunkChain, store: Any, *, ready: 
     if replay_status is not None:
         profiled = await replay.replay(store, index, chain, replay_status, cache_dir, warm_root=warm_root,
                                        ready=ready)
-    if progress is None or budget <= 0:
-        return
     if not profiled:
+        if progress is None or budget <= 0:
+            return
         await ready.wait()  # the mount answers first; prefetch never delays that
         await prefetch_image(index, chain, budget, progress)
         return
-    progress.state = "waiting for quiet"
+    if progress is not None:
+        progress.state = "waiting for quiet"
     await wait_until_quiet(chain, quiet_s)
+    await chain.save_deferred()  # the replay's SSD copies, now that the workload is quiet
+    if progress is None or budget <= 0:
+        return
     await prefetch_image(index, chain, budget, progress, paced=True, rate=rate)  # the replay's chunks are skipped

@@ -278,3 +278,25 @@ def test_a_stale_host_copy_is_replayed_once_and_refreshed(run_dir: Path) -> None
         assert rp["source"] == "host copy" and rp["planned"] == len(old.entries)  # this mount: the copy
     copy = profile_cache.read_copy(cache, index)
     assert copy is not None and copy.entries == new.entries  # the next one: the store's
+
+
+def test_the_replay_writes_its_ssd_copies_after_the_start_and_the_next_mount_finds_them(run_dir: Path) -> None:
+    """A replay keeps its chunks in memory while the workload starts and writes their SSD
+    copies once it is quiet (or at unmount at the latest): a second mount on the same
+    host replays from its SSD tier and asks the store nothing."""
+    store_dir = str(run_dir / "store")
+    store = LocalStore(store_dir)
+    _build(store)
+    _record(run_dir, store_dir, WORKLOAD, "fuse", "rec")
+    opts = _opts(run_dir, store_dir, "host", "fuse")
+    with mounted("app", str(run_dir / "mnt1"), opts) as m:
+        rp = _wait_replay(m.path)
+        assert rp["fetched"] == rp["planned"] > 0
+        first = query_stats(m.path)["cache"]["tiers"]["ssd"]
+    with mounted("app", str(run_dir / "mnt2"), opts) as m:
+        rp = _wait_replay(m.path)
+        st = query_stats(m.path)
+        assert rp["held"] == rp["planned"] and rp["fetched"] == 0  # all from the SSD tier
+        assert st["cache"]["tiers"]["blob"]["requests"] == 0
+        assert st["cache"]["tiers"]["ssd"]["hits"] >= rp["planned"]
+    assert first["hits"] == 0
