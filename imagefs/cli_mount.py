@@ -35,7 +35,8 @@ def add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="bound of the in-memory chunk cache of one mount (default: 512M)")
     g.add_argument("--read-ahead", metavar="KB", type=int, default=None,
                    help="the kernel's readahead window for the mount, in KiB (also the window read around a "
-                   "page fault in a mapped file; default: see imagefs/readahead.py)")
+                   "page fault in a mapped file; default: 512 for EROFS mounts, see imagefs/erofs/session.py; "
+                   "32768 for plain ones, see imagefs/readahead.py)")
     g.add_argument("--read-timeout", metavar="SECONDS", type=float, default=None,
                    help="the most a read waits for file data, every tier and retry included, before it fails "
                    "with EIO (the mount's log names the file and chunk); a stalled store costs a reader this "

@@ -502,7 +502,7 @@ class _Daemon:
                 raise OSError(errno.EIO, f"mountpoint answered with inode {st.st_ino}")
             if self.kernel is not None:
                 set_read_ahead_kb(self.fuse_mountpoint)
-                self.kernel.mount()  # EROFS on the mountpoint, its blob read through our loop
+                self.kernel.mount(self.read_ahead_kb)  # EROFS on the mountpoint, its blob read through our loop
             else:
                 kb = DEFAULT_READ_AHEAD_KB if self.read_ahead_kb is None else self.read_ahead_kb
                 set_read_ahead_kb(self.fuse_mountpoint, kb)

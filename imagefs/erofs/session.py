@@ -106,8 +106,9 @@ class ErofsMount:
     def filesystem(self, reader: "ChunkReader", name: str, read_timeout: float | None = None) -> BlobFS:
         return BlobFS(self.index, self.slots, reader, name=name, read_timeout=read_timeout)
 
-    def mount(self) -> None:
-        """(blocking; the FUSE loop must be running) Put EROFS on the mountpoint."""
+    def mount(self, read_ahead_kb: int | None = None) -> None:
+        """(blocking; the FUSE loop must be running) Put EROFS on the mountpoint, with
+        ``read_ahead_kb`` as its readahead window (default :data:`EROFS_READ_AHEAD_KB`)."""
         from imagefs.readahead import set_read_ahead_kb
 
         t0 = time.perf_counter()
@@ -115,7 +116,7 @@ class ErofsMount:
             set_read_ahead_kb(self.blob_dir, 0)  # nothing reads the blob through its page cache
         kernel.mount_erofs(self.meta, self.mountpoint, self.blob, self.options)
         self.mounted = True
-        kernel.set_read_ahead_kb(self.mountpoint, EROFS_READ_AHEAD_KB)
+        kernel.set_read_ahead_kb(self.mountpoint, EROFS_READ_AHEAD_KB if read_ahead_kb is None else read_ahead_kb)
         self.timings["kernel_mount_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         if self.meta_is_temporary:
             with contextlib.suppress(OSError):
