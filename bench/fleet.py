@@ -330,6 +330,33 @@ def _stats(host: Host, secret: str) -> dict[str, Any]:
     return dict(json.loads(res.stdout))
 
 
+def record_profile(zone: Zone, digest: str, workset: Workset, args: argparse.Namespace) -> str:
+    """Record the workload's startup profile on host 0 (a fresh mount, every tier cold,
+    straight from the store: no zone server runs yet) and lay it out, as a user would
+    with ``imagefs profile``; a line saying what was recorded."""
+    h = zone.hosts[0]
+    scenarios.force_unmount(h.mountpoint)
+    shutil.rmtree(h.root / "cache", ignore_errors=True)
+    h.mountpoint.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **h.env(zone.secret)}
+    store = ["--store", zone.store_url, "--s3-endpoint", f"http://{STORE_IP}:{HOST_STORE_PORT}"]
+    run_checked(services.net_only(h.ns, [services.tool("imagefs"), "-q", "mount", digest, str(h.mountpoint), *store,
+                                         "--cache-dir", str(h.root / "cache"), "--no-prefetch", "--record",
+                                         "--record-replace", "--record-quiet", "30"]),
+                "mount --record", env=env)
+    try:
+        res = subprocess.run(["xargs", "-0", "-a", str(workset.list_file), "cksum"], cwd=h.mountpoint,
+                             capture_output=True, text=True, timeout=args.run_timeout)
+        if res.returncode:
+            raise PrepError(f"recording: cksum failed: {res.stderr[-300:]}")
+    finally:
+        _unmount(h, zone.secret)  # the daemon saves the recording as it exits
+    out = run_checked(services.net_only(h.ns, [services.tool("imagefs"), "optimize", digest, *store]),
+                      "imagefs optimize", env=env)
+    shutil.rmtree(h.root / "cache", ignore_errors=True)
+    return out.strip() or "laid out"
+
+
 def _unmount(host: Host, secret: str) -> None:
     subprocess.run([services.tool("imagefs"), "umount", str(host.mountpoint)], capture_output=True, timeout=60,
                    env={**os.environ, **host.env(secret)})
@@ -547,6 +574,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="seconds after the kill it is restarted (default 2)")
     p.add_argument("--image", default="numpy", help="bench image (default numpy)")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="mount with --no-prefetch")
+    p.add_argument("--profile", action="store_true",
+                   help="record the workload's startup profile first (imagefs mount --record, then optimize): every "
+                   "host then replays it through the zone instead of prefetching the whole image at once")
     p.add_argument("--blob-latency-ms", type=float, default=200.0, help="store time to first byte (default 200)")
     p.add_argument("--az-latency-ms", type=float, default=0.0,
                    help="cache servers' time to first byte, through a delay proxy (default 0: no proxy, whose "
@@ -602,6 +632,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             store_name = f"bench/{img.name}"
             index_into_store(work, zone.ns_blob, img.name, img.layout_zstd, store_name, code_dir, S3_PORT, log)
             digest = resolve_digest(zone.ns_blob, store_name)
+            profile_note = ""
+            if args.profile:
+                profile_note = record_profile(zone, digest, workset, args)
+                log(f"startup profile of the workload recorded: {profile_note}")
             plan = [(s, n, False) for s in args.servers for n in args.hosts]
             if args.stop:
                 plan += [(s, args.stop_hosts, True) for s in args.servers]
@@ -619,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shutil.rmtree(cache, ignore_errors=True)
             settings = {k: v for k, v in vars(args).items()}
             settings.update({"image": img.name, "digest": digest, "workset_files": workset.files,
-                             "workset_bytes": workset.bytes})
+                             "workset_bytes": workset.bytes, "profile": profile_note})
     except KeyboardInterrupt:
         log("interrupted: everything started was stopped")
         return 130
