@@ -44,8 +44,10 @@ DEFAULT_MAX_GAP = 512 << 10
 DEFAULT_MAX_RANGE = 8 << 20
 # The first range issued; each next one may be twice as large, up to DEFAULT_MAX_RANGE.
 DEFAULT_FIRST_RANGE = 1 << 20
-# Ranges in flight at once: 4 x 8 MiB covers a 1 Gbit/s x 200 ms link.
-DEFAULT_IN_FLIGHT = 4
+# Ranges in flight at once: 8 x 8 MiB covers a 1 Gbit/s x 200 ms link twice over, and
+# a laid-out profile reads some runs where they are (indexer/optimize.py) besides its
+# startup packs: more, shorter reads, which must not queue behind each other.
+DEFAULT_IN_FLIGHT = 8
 # SSD copies are loaded this many per worker-thread call, this many calls at once.
 SSD_BATCH = 16
 SSD_BATCHES = 2

@@ -251,8 +251,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     elif "error" in p:
         print(f"Profile:       unusable: {p['error']}")
     else:
-        layout = (f"laid out in {p['startup_packs']} startup pack(s)" if p["laid_out"] == p["chunks"] else
-                  f"{p['laid_out']} of them laid out ('imagefs optimize' lays out the rest)")
+        layout = (f"laid out: {p['copied']} copied to {p['startup_packs']} startup pack(s), the rest read in place, "
+                  f"{human_bytes(p['head_bytes'])} inline" if p["optimized"] else
+                  "not laid out ('imagefs optimize' lays it out)")
         print(f"Profile:       {p['chunks']} chunks, {human_bytes(p['bytes'])} ({human_bytes(p['compressed_bytes'])} "
               f"stored), from {p['recordings']} recording(s), read over {p['span_ms'] / 1000:.1f} s; {layout}")
         for path in p["first_files"]:

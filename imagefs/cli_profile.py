@@ -144,9 +144,10 @@ def _optimize(store: object, index: object, found: object, *, force: bool, quiet
         print(f"imagefs: the profile is laid out already ({res.packs} startup pack(s), "
               f"{human_size(res.startup_bytes)}; --force writes them again)", file=sys.stderr)
         return
-    print(f"imagefs: laid out {res.chunks} chunks in {res.packs} startup pack(s): {human_size(res.startup_bytes)} "
-          f"extra, {100 * res.extra_ratio:.1f}% of the image's {human_size(res.image_bytes)} "
-          f"({res.seconds:.1f} s)", file=sys.stderr)
+    print(f"imagefs: laid out the profile: {res.chunks} of its {len(res.profile.entries)} chunks copied to "
+          f"{res.packs} startup pack(s) (the rest are read where they are), {res.profile.head_chunks} inline; "
+          f"{human_size(res.startup_bytes)} extra, {100 * res.extra_ratio:.1f}% of the image's "
+          f"{human_size(res.image_bytes)} ({res.seconds:.1f} s)", file=sys.stderr)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

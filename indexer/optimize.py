@@ -1,8 +1,10 @@
-"""Lay a startup profile out: copy its chunks into startup packs, in access order.
+"""Lay a startup profile out: copy its scattered chunks into startup packs, in access order.
 
 A profile's chunks sit in the image's packs in tree order, scattered among chunks the
 workload never reads, so a replay straight from them needs many ranged reads. Here the
-chunks are copied, in the order they are first read, into one or a few new packs
+chunks that are not already in long runs of their pack (those are read where they are:
+a copy would cost store bytes and save no round trip) are copied, in the order they are
+first read, into one or a few new packs
 (``packs/<blake3>``, like any pack), and the profile records where each copy is. A
 replay then reads the whole working set in a handful of sequential ranged reads.
 
@@ -36,6 +38,12 @@ STARTUP_PACK_SIZE = 64 << 20
 READ_GAP = 1 << 20
 READ_RANGE = 16 << 20
 READERS = 8
+# Chunks already in runs of at least KEEP_RUN bytes of their pack (over gaps of at most
+# KEEP_GAP) stay where they are: measured on the torch image's `import torch` profile
+# (53 MiB stored), such runs hold 51% of it, so copying the rest costs 7% of the image's
+# packs instead of 15%, for ~15 more ranged reads in a replay that keeps 8 in flight.
+KEEP_RUN = 1 << 20
+KEEP_GAP = 64 << 10
 # The first this-many compressed bytes of the working set also go inline in the profile
 # (its head), which a cold host fetches beside the index: they are there before the
 # replay's first ranged read can answer (a blob-store round trip, ~200 ms).
@@ -49,8 +57,8 @@ class OptimizeError(Exception):
 @dataclass(frozen=True)
 class OptimizeResult:
     profile: profiles.Profile
-    chunks: int  # chunks laid out
-    startup_bytes: int  # bytes of the new startup packs (the extra storage)
+    chunks: int  # chunks copied to startup packs (the others are read where they are)
+    startup_bytes: int  # bytes of the new startup packs and the head (the extra storage)
     image_bytes: int  # compressed bytes of the image's own chunks
     packs: int
     seconds: float
@@ -62,15 +70,19 @@ class OptimizeResult:
 
 
 def is_laid_out(profile: profiles.Profile) -> bool:
-    """Whether every entry has a copy, back to back in profile order."""
-    prev: tuple[int, int] | None = None
-    for e in profile.entries:
-        if e.pack == profiles.NO_PACK:
-            return False
-        if prev is not None and (e.pack, e.offset) < prev:
-            return False
-        prev = (e.pack, e.offset)
-    return True
+    """Whether ``imagefs optimize`` laid the profile out in its current order."""
+    return profile.optimized
+
+
+def in_place(refs: list[ChunkRef], *, min_run: int = KEEP_RUN, max_gap: int = KEEP_GAP) -> set[bytes]:
+    """The digests of ``refs`` that sit in runs of their own pack long enough to be read
+    where they are: ``min_run`` bytes or more in one ranged read, over gaps of at most
+    ``max_gap``. A copy of those would cost store bytes and save no round trip."""
+    keep: set[bytes] = set()
+    for span in plan_spans(refs, max_range=1 << 62, max_gap=max_gap, first_range=1 << 62):
+        if span.end - span.start >= min_run:
+            keep.update(r.digest for r in span.refs)
+    return keep
 
 
 def _read_frames(store: BlobStore, refs: list[ChunkRef]) -> dict[bytes, bytes]:
@@ -119,9 +131,10 @@ def _optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, forc
     profiles.check_against(profile, index)
     image_bytes = sum(r.clen for r in index.all_chunks())
     if not force and is_laid_out(profile):
-        return OptimizeResult(profile, len(profile.entries), _startup_bytes(index, profile), image_bytes,
+        return OptimizeResult(profile, profile.laid_out, _startup_bytes(index, profile), image_bytes,
                               len(profile.packs), time.monotonic() - t0, changed=False)
     refs = [index.chunk(e.chunk) for e in profile.entries]
+    keep = in_place(refs)
     frames = _read_frames(store, refs)
     packs: list[bytes] = []
     entries: list[profiles.Entry] = []
@@ -144,6 +157,9 @@ def _optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, forc
 
     pending: list[tuple[profiles.Entry, int]] = []  # entries of the pack being filled, offsets
     for e, r in zip(profile.entries, refs):
+        if r.digest in keep:
+            entries.append(replace(e, pack=profiles.NO_PACK, offset=0))  # read where it is
+            continue
         frame = frames[r.digest]
         if size and size + len(frame) > pack_size:
             flush()
@@ -161,13 +177,16 @@ def _optimize(store: BlobStore, index: Index, profile: profiles.Profile, *, forc
             break
         head.append(frames[r.digest])
         head_bytes += r.clen
-    laid = replace(profile, entries=tuple(entries), packs=tuple(packs), head_chunks=len(head), head=b"".join(head))
+    by_chunk = {e.chunk: e for e in entries}
+    laid = replace(profile, entries=tuple(by_chunk[e.chunk] for e in profile.entries), packs=tuple(packs),
+                   head_chunks=len(head), head=b"".join(head), optimized=True)
     profiles.save(store, laid)
-    return OptimizeResult(laid, len(entries), written, image_bytes, len(packs), time.monotonic() - t0, changed=True)
+    return OptimizeResult(laid, len(entries) - len(keep), written + head_bytes, image_bytes, len(packs),
+                          time.monotonic() - t0, changed=True)
 
 
 def _startup_bytes(index: Index, profile: profiles.Profile) -> int:
-    return sum(index.chunk(e.chunk).clen for e in profile.entries if e.pack != profiles.NO_PACK)
+    return sum(index.chunk(e.chunk).clen for e in profile.entries if e.pack != profiles.NO_PACK) + len(profile.head)
 
 
 __all__ = ["optimize", "OptimizeResult", "OptimizeError", "is_laid_out", "STARTUP_PACK_SIZE"]

@@ -66,6 +66,7 @@ HEADER = struct.Struct("<8sII32sIIIQIQ")
 # chunk number, inode, first access ms, recordings that read it, startup pack (NO_PACK: none), offset
 ENTRY = struct.Struct("<IIIHHQ")
 TRAILER = 32
+FLAG_OPTIMIZED = 1
 NO_PACK = 0xFFFF
 MAX_PACKS = NO_PACK
 MAX_ENTRIES = 1 << 24  # a profile larger than this is not one we wrote
@@ -102,6 +103,9 @@ class Profile:
     # the profile itself (fetched beside the index), before any ranged read.
     head_chunks: int = 0
     head: bytes = b""
+    # Laid out by ``imagefs optimize`` for this order: every entry either has a copy in a
+    # startup pack or sits in a run of its own pack that one ranged read brings.
+    optimized: bool = False
 
     @property
     def laid_out(self) -> int:
@@ -111,7 +115,7 @@ class Profile:
     def without_layout(self) -> "Profile":
         """The same profile with no startup packs and no head (what a new recording merges into)."""
         return replace(self, packs=(), entries=tuple(replace(e, pack=NO_PACK, offset=0) for e in self.entries),
-                       head_chunks=0, head=b"")
+                       head_chunks=0, head=b"", optimized=False)
 
 
 def profile_key(index_digest: str) -> str:
@@ -130,7 +134,7 @@ def encode(profile: Profile) -> bytes:
     if profile.head_chunks > len(profile.entries) or len(profile.head) > MAX_HEAD:
         raise ProfileError(f"a head of {profile.head_chunks} chunks, {len(profile.head)} bytes, is not possible here")
     body = bytearray(HEADER.pack(
-        MAGIC, VERSION, 0, bytes.fromhex(profile_key(profile.index_digest)[len(PROFILE_PREFIX):]),
+        MAGIC, VERSION, FLAG_OPTIMIZED if profile.optimized else 0, bytes.fromhex(profile_key(profile.index_digest)[len(PROFILE_PREFIX):]),
         len(profile.entries), len(profile.packs), min(profile.recordings, 0xFFFFFFFF), profile.created,
         profile.head_chunks, len(profile.head),
     ))
@@ -156,7 +160,7 @@ def decode(blob: bytes, where: str = "profile") -> Profile:
         raise ProfileError(f"{where}: too short to be a profile")
     if digest_of(memoryview(body)[:-TRAILER]) != body[-TRAILER:]:
         raise ProfileError(f"{where}: damaged (its checksum does not match)")
-    (magic, version, _flags, index_raw, n_entries, n_packs, recordings, created, head_chunks,
+    (magic, version, flags, index_raw, n_entries, n_packs, recordings, created, head_chunks,
      head_len) = HEADER.unpack_from(body, 0)
     if magic != MAGIC:
         raise ProfileError(f"{where}: not a profile (bad magic)")
@@ -175,7 +179,8 @@ def decode(blob: bytes, where: str = "profile") -> Profile:
     for e in entries:
         if e.pack != NO_PACK and e.pack >= n_packs:
             raise ProfileError(f"{where}: an entry names startup pack {e.pack} of {n_packs}")
-    return Profile(DIGEST_PREFIX + index_raw.hex(), entries, recordings, packs, created, head_chunks, head)
+    return Profile(DIGEST_PREFIX + index_raw.hex(), entries, recordings, packs, created, head_chunks, head,
+                   bool(flags & FLAG_OPTIMIZED))
 
 
 def check_against(profile: Profile, index: Index, where: str = "profile") -> None:
@@ -310,7 +315,8 @@ def summary(profile: Profile, index: Index) -> dict[str, object]:
         clen += ref.clen
     return {
         "chunks": len(profile.entries), "bytes": ulen, "compressed_bytes": clen,
-        "recordings": profile.recordings, "startup_packs": len(profile.packs), "laid_out": profile.laid_out,
+        "recordings": profile.recordings, "startup_packs": len(profile.packs), "copied": profile.laid_out,
+        "optimized": profile.optimized, "head_bytes": len(profile.head),
         "created": profile.created, "span_ms": max((e.t_ms for e in profile.entries), default=0),
     }
 

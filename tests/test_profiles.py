@@ -191,7 +191,7 @@ def test_optimize_copies_the_profile_into_startup_packs_in_order(image: tuple[Lo
     assert found is not None and not is_laid_out(found)
     res = optimize(store, index, found, pack_size=3 * CS)  # small packs: several of them
     assert res.changed and res.packs >= 2 and res.chunks == len(order)
-    assert res.startup_bytes == sum(index.chunk(c).clen for c in order)
+    assert res.startup_bytes == sum(index.chunk(c).clen for c in order) + len(res.profile.head)
     assert 0 < res.extra_ratio < 1
     laid = profiles.load(store, index)
     assert laid is not None and is_laid_out(laid) and [e.chunk for e in laid.entries] == order
@@ -340,3 +340,30 @@ def test_a_profile_head_brings_its_chunks_and_a_bad_frame_in_it_is_dropped(image
     store.put(profiles.profile_key(index.digest), profiles.encode(replace(laid, head=laid.head[:-1])))
     with pytest.raises(ProfileError, match="head"):
         profiles.load(store, index)
+
+
+def test_optimize_leaves_long_runs_where_they_are(tmp_path: os.PathLike[str]) -> None:
+    """Chunks already in a run of their pack long enough for one ranged read are not
+    copied (a copy would cost store bytes and save no round trip); scattered ones are."""
+    store = LocalStore(os.path.join(tmp_path, "store"))
+    b = ImageBuilder(chunk_size=CS, pack_size=64 << 20)  # one pack: the big file's chunks back to back
+    rng = random.Random(8)
+    b.file("a/big.so", rng.randbytes(24 * CS))  # 1.5 MiB, read whole
+    for i in range(20):
+        b.file(f"b/small{i:02d}", rng.randbytes(3000))
+        b.file(f"b/small{i:02d}x", rng.randbytes(3 * CS))  # never read: a gap no read spans
+    index = b.write(store, "runs")
+    big = index.chunk_numbers(index.resolve("a/big.so") or 0, 0, 24 * CS)
+    smalls = [index.chunk_numbers(index.resolve(f"b/small{i:02d}") or 0, 0, 1)[0] for i in (17, 3, 11)]
+    profiles.save(store, _profile(index, smalls[:1] + big + smalls[1:]))
+    found = profiles.load(store, index)
+    assert found is not None
+    res = optimize(store, index, found, head_budget=0)
+    laid = profiles.load(store, index)
+    assert laid is not None and laid.optimized and is_laid_out(laid)
+    kept = {e.chunk for e in laid.entries if e.pack == profiles.NO_PACK}
+    assert kept == set(big) and res.chunks == len(smalls)  # only the scattered ones were copied
+    assert res.startup_bytes == sum(index.chunk(c).clen for c in smalls)
+    # The replay reads the big file's run where it is and the rest from the startup pack.
+    refs = profiles.replay_refs(laid, index)
+    assert {r.pack for r in refs if r.digest in {index.chunk(c).digest for c in big}} == {index.chunk(big[0]).pack}
