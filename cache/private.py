@@ -55,3 +55,26 @@ def open_private(path: str, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def write_atomic(path: str, *parts: bytes | bytearray | memoryview, prefix: str = ".tmp-") -> None:
+    """Write ``parts`` to ``path`` as one private file (0600, its directory made 0700):
+    a temporary file in the same directory, renamed over ``path``, so a reader sees the
+    old file or the new one, never a part. No fsync: every copy kept this way is checked
+    when it is read, and a torn one is fetched or written again."""
+    import tempfile
+
+    directory = os.path.dirname(path)
+    private_dir(directory)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)  # 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -32,12 +32,11 @@ import logging
 import mmap
 import os
 import struct
-import tempfile
 
 import blake3
 
 from cache.blobstore import BlobNotFound, BlobStore
-from cache.private import private_dir
+from cache.private import private_dir, write_atomic
 from imagefs import profile_cache
 from imagefs.erofs import host_copy as erofs_host_copy
 from indexer.catalog import ImageNotFound, index_key, is_full_digest, resolve
@@ -126,17 +125,7 @@ def keep_copy(path: str, body: bytes) -> None:
     """Write a copy atomically; a cache that cannot be written is only slower."""
     head = _COPY_HEADER.pack(COPY_MAGIC, len(body), _hash(body)).ljust(PAGE, b"\0")
     try:
-        private_dir(os.path.dirname(path))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                f.write(body)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, head, body)
     except OSError as e:
         log.warning("cannot keep a copy of the index at %s: %s", path, e)
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 
 from cache.blobstore import BlobNotFound, BlobStore
-from cache.private import private_dir
+from cache.private import write_atomic
 from indexer import profile as profiles
 from indexer.format import DIGEST_PREFIX
 from indexer.index import Index
@@ -84,18 +83,8 @@ def keep(cache_dir: str | None, digest: str, blob: bytes | None) -> None:
     if not cache_dir:
         return
     path = _path(cache_dir, digest)
-    blob = blob or b""
     try:
-        private_dir(os.path.dirname(path))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, blob or b"")
     except OSError as e:
         log.warning("cannot keep a copy of the profile at %s: %s", path, e)
 

@@ -13,14 +13,12 @@ Kept light (no trio, no FUSE): ``imagefs run`` imports it on its way to a mount.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import threading
 
 from cache.blobstore import BlobNotFound, BlobStore
-from cache.private import private_dir
+from cache.private import write_atomic
 from indexer.erofs import store as erofs_store
 
 log = logging.getLogger(__name__)
@@ -35,17 +33,7 @@ def path(cache_dir: str, index_digest: str) -> str:
 
 def write(final: str, image: bytes | bytearray) -> None:
     """Write ``image`` to ``final`` atomically (0600, its directory 0700)."""
-    directory = os.path.dirname(final)
-    private_dir(directory)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=META_PREFIX + ".tmp-", suffix=META_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(image)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(final, image, prefix=META_PREFIX + ".tmp-")
 
 
 def keep_from_store(store: BlobStore, cache_dir: str, index_digest: str) -> bool:
